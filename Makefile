@@ -1,0 +1,31 @@
+# The README's two commands: `make repro` (set up + run the pipeline on the embedded default) and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.campe-installed
+export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false \
+       MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false DVC_NO_ANALYTICS=1
+
+.PHONY: setup repro test bench clean-venv
+setup: $(STAMP)
+
+# torch first, from the local CPU wheel; then uv resolves the rest with torch pinned, and drops the
+# `dataclasses` backport that img2dataset pulls (it breaks Prefect's server on Python 3.11).
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/overrides.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c requirements/constraints.txt torch==2.13.0 uv
+	$(VENV)/bin/uv pip install -q --python $(PY) -c requirements/constraints.txt \
+	    --override requirements/overrides.txt -e '.[test]'
+	touch $(STAMP)
+
+repro: $(STAMP)
+	$(VENV)/bin/dvc repro
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/download.py
+
+clean-venv:
+	rm -rf $(VENV)
