@@ -1,0 +1,299 @@
+"""Stage `download`: a URL list -> webdataset shards with img2dataset, plus one stats metric.
+
+    campe download                                   # params.yaml:download (default: the generated train list)
+    campe download --url-list urls.parquet --out data/shards/train --stats metrics/download_stats.json
+    campe download --retry-failed                    # re-download only the samples whose status was a failure
+
+Layout of the output folder (one sub-folder per pass; every pass is plain img2dataset output):
+    <out>/_lists/pass-00.parquet      the normalised input list of each pass (url, caption, extras, uid)
+    <out>/pass-00/00000.tar|.parquet|_stats.json
+    <out>/pass-01/...                 a --retry-failed pass: only the rows that had failed so far
+    <out>/fingerprint.json            what the shards were made from (list hash + parameters)
+`uid` is the row's index in the original URL list; a sample counts as downloaded if any pass fetched it.
+
+Incremental: img2dataset's own incremental mode skips shards that have a `_stats.json`, so a re-run (or a run
+after a kill) only does the unfinished shards. The stats roll-up reads finished shards only.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from campe.config import load_params
+from campe.io import atomic_write_json
+
+INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+
+
+class DownloadError(RuntimeError):
+    """The download stage cannot go on (bad input list, img2dataset failure, success rate too low)."""
+
+
+@dataclass
+class DownloadParams:
+    """params.yaml section `download`."""
+
+    url_list: str = "data/generated/urls/train.parquet"
+    output_dir: str = "data/shards/train"
+    stats_file: str = "metrics/download_stats.json"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    extra_columns: list[str] = field(default_factory=lambda: ["image_id", "aspects"])  # copied into each sample's .json
+    image_size: int = 64
+    resize_mode: str = "border"
+    encode_quality: int = 95
+    processes_count: int = 2
+    thread_count: int = 16
+    number_sample_per_shard: int = 2000
+    retries: int = 0  # img2dataset's own per-request retries
+    timeout: int = 10  # seconds per request, so an unreachable host never hangs the stage
+    distributor: str = "multiprocessing"  # or "pyspark" / "ray" for a cluster (install them yourself)
+    min_success_rate: float = 0.9
+
+    def validate(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if not 0.0 <= self.min_success_rate <= 1.0:
+            raise ValueError(f"min_success_rate must be in [0, 1], got {self.min_success_rate}")
+        for name in ("image_size", "processes_count", "thread_count", "number_sample_per_shard", "timeout"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.distributor not in ("multiprocessing", "pyspark", "ray"):
+            raise ValueError(f"distributor must be multiprocessing, pyspark or ray, got {self.distributor!r}")
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        # What changes the shards' contents; paths, rates and parallelism do not.
+        keep = ("url_col", "caption_col", "extra_columns", "image_size", "resize_mode", "encode_quality",
+                "number_sample_per_shard")
+        return {k: getattr(self, k) for k in keep}
+
+
+# ------------------------------------------------------------------------------------------------------ input list
+def read_url_list(path: str | Path, p: DownloadParams):
+    """Read and check a URL list; return a DataFrame with url, caption, the extra columns and `uid`."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise DownloadError(f"URL list {path} not found (set download.url_list in params.yaml or pass --url-list)")
+    fmt = INPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DownloadError(f"URL list {path}: unsupported format '{path.suffix}'; use one of "
+                            f"{', '.join(INPUT_FORMATS)}")
+    try:
+        if fmt == "parquet":
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False)
+    except Exception as e:  # pyarrow/pandas raise many types for a corrupt file
+        raise DownloadError(f"URL list {path}: cannot be read as {fmt}: {e}") from None
+    wanted = {"download.url_col": p.url_col, "download.caption_col": p.caption_col}
+    wanted.update({f"download.extra_columns[{i}]": c for i, c in enumerate(p.extra_columns)})
+    for key, col in wanted.items():
+        if col not in df.columns:
+            raise DownloadError(f"URL list {path} has no column '{col}' (from {key}); its columns are "
+                                f"{list(df.columns)}. Set {key.split('[')[0]} in params.yaml to the right name.")
+    if len(df) == 0:
+        raise DownloadError(f"URL list {path} has no rows: nothing to download")
+    out = df[[p.url_col, p.caption_col, *p.extra_columns]].copy()
+    out.columns = ["url", "caption", *p.extra_columns]
+    out["url"] = out["url"].astype(str)
+    out["caption"] = out["caption"].astype(str)
+    out["uid"] = range(len(out))
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------------- passes
+def _pass_dirs(out: Path) -> list[Path]:
+    return sorted(d for d in out.glob("pass-[0-9][0-9]") if d.is_dir())
+
+
+def _expected_shards(list_path: Path, per_shard: int) -> int:
+    import pyarrow.parquet as pq
+
+    return math.ceil(pq.ParquetFile(list_path).metadata.num_rows / per_shard)
+
+
+def _finished_shards(pass_dir: Path) -> list[str]:
+    return sorted(s.name[: -len("_stats.json")] for s in pass_dir.glob("[0-9]*_stats.json"))
+
+
+def _run_img2dataset(list_path: Path, pass_dir: Path, p: DownloadParams) -> None:
+    kwargs = dict(
+        url_list=str(list_path), input_format="parquet", url_col="url", caption_col="caption",
+        save_additional_columns=["uid", *p.extra_columns], output_format="webdataset",
+        output_folder=str(pass_dir), image_size=p.image_size, resize_mode=p.resize_mode,
+        encode_quality=p.encode_quality, processes_count=p.processes_count, thread_count=p.thread_count,
+        number_sample_per_shard=p.number_sample_per_shard, retries=p.retries, timeout=p.timeout,
+        distributor=p.distributor, enable_wandb=False, incremental_mode="incremental",
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(kwargs, f)
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    try:
+        # A process of its own: img2dataset's SIGINT handler needs the main thread (see campe/img2dataset_runner.py).
+        rc = subprocess.run([sys.executable, "-m", "campe.img2dataset_runner", f.name], env=env).returncode
+    finally:
+        os.unlink(f.name)
+    if rc != 0:
+        raise DownloadError(f"img2dataset exited with status {rc} on {list_path} (its output is above); "
+                            "re-run the stage to resume: finished shards are kept")
+
+
+def _complete(list_path: Path, pass_dir: Path, p: DownloadParams) -> bool:
+    return len(_finished_shards(pass_dir)) >= _expected_shards(list_path, p.number_sample_per_shard)
+
+
+def _read_status(out: Path):
+    """uid -> final status rows over all finished shards of all passes (a success in any pass wins)."""
+    import pandas as pd
+
+    frames = []
+    for i, d in enumerate(_pass_dirs(out)):
+        for shard in _finished_shards(d):
+            df = pd.read_parquet(d / f"{shard}.parquet", columns=["uid", "url", "status", "error_message"])
+            df["pass"] = i
+            frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["uid", "url", "status", "error_message", "pass"])
+    allrows = pd.concat(frames, ignore_index=True)
+    # Keep a success if there is one, else the latest attempt.
+    allrows["ok"] = allrows["status"] == "success"
+    allrows = allrows.sort_values(["uid", "ok", "pass"]).drop_duplicates("uid", keep="last")
+    return allrows.drop(columns="ok")
+
+
+def roll_up_stats(out: Path, total_rows: int, seconds: float, attempted: int) -> dict[str, Any]:
+    """One metric file from img2dataset's per-shard parquet/stats: counts, success rate, top errors."""
+    status = _read_status(out)
+    succ = int((status["status"] == "success").sum())
+    failed = status[status["status"] != "success"]
+    errors = collections.Counter(str(e) for e in failed["error_message"].fillna("unknown error"))
+    shards = sum(len(_finished_shards(d)) for d in _pass_dirs(out))
+    return {
+        "samples": total_rows,
+        "successes": succ,
+        "failures": total_rows - succ,
+        "success_rate": round(succ / total_rows, 6) if total_rows else 0.0,
+        "failed_to_download": int((failed["status"] == "failed_to_download").sum()),
+        "failed_to_resize": int((failed["status"] == "failed_to_resize").sum()),
+        "not_attempted": total_rows - len(status),
+        "top_errors": [{"error": e, "count": c} for e, c in errors.most_common(5)],
+        "passes": len(_pass_dirs(out)),
+        "shards": shards,
+        "attempted_this_run": attempted,
+        "seconds_this_run": round(seconds, 2),
+        "images_per_s": round(attempted / seconds, 1) if seconds > 0 and attempted else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- stage
+def download_stage(p: DownloadParams, retry_failed: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) the download; with `retry_failed`, add a pass over the rows that failed so far."""
+    out = Path(p.output_dir)
+    list_path = Path(p.url_list)
+    df = read_url_list(list_path, p)
+    fp = {"url_list": str(list_path), "url_list_sha256": _file_sha256(list_path), **p.fingerprint_fields()}
+    fp_path = out / "fingerprint.json"
+    if fp_path.exists():
+        old = json.loads(fp_path.read_text())
+        if old != fp and not overwrite:
+            diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+            raise DownloadError(f"{out} holds shards made with different {', '.join(diff)}; "
+                                f"re-run with --overwrite to replace them, or choose another --out")
+    if overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(fp_path, fp)
+    lists = out / "_lists"
+    lists.mkdir(exist_ok=True)
+
+    t0, attempted = time.perf_counter(), 0
+    passes = _pass_dirs(out)
+    if not passes:
+        first = lists / "pass-00.parquet"
+        df.to_parquet(first.with_suffix(".tmp"), index=False)
+        os.replace(first.with_suffix(".tmp"), first)
+        passes = [out / "pass-00"]
+    # Resume the newest pass if a previous run stopped inside it (earlier passes were complete when it started).
+    last = passes[-1]
+    last_list = lists / f"{last.name}.parquet"
+    if not _complete(last_list, last, p):
+        attempted += _rows(last_list)
+        _run_img2dataset(last_list, last, p)
+    if retry_failed:
+        status = _read_status(out)
+        ok = set(status.loc[status["status"] == "success", "uid"].tolist())
+        todo = df[~df["uid"].isin(ok)]
+        if len(todo) == 0:
+            print("campe download: nothing to retry, every sample was downloaded")
+        else:
+            name = f"pass-{len(passes):02d}"
+            nxt = lists / f"{name}.parquet"
+            todo.to_parquet(nxt.with_suffix(".tmp"), index=False)
+            os.replace(nxt.with_suffix(".tmp"), nxt)
+            print(f"campe download: retrying {len(todo)} failed samples in {out / name}")
+            attempted += len(todo)
+            _run_img2dataset(nxt, out / name, p)
+    stats = roll_up_stats(out, len(df), time.perf_counter() - t0, attempted)
+    stats["url_list"] = str(list_path)
+    atomic_write_json(p.stats_file, stats)
+    if stats["success_rate"] < p.min_success_rate:
+        top = "; ".join(f"{e['count']}x {e['error']}" for e in stats["top_errors"][:3]) or "none recorded"
+        raise DownloadError(
+            f"success rate {stats['success_rate']:.3f} of {list_path} is below download.min_success_rate="
+            f"{p.min_success_rate} ({stats['failures']} of {stats['samples']} failed; top errors: {top}). "
+            f"Stats in {p.stats_file}; try `campe download --retry-failed`, or fix the URL list.")
+    return stats
+
+
+def _rows(list_path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(list_path).metadata.num_rows
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--params", default="params.yaml", help="params file (section `download`)")
+    ap.add_argument("--url-list", help="override download.url_list (parquet/csv/tsv)")
+    ap.add_argument("--out", help="override download.output_dir")
+    ap.add_argument("--stats", help="override download.stats_file")
+    ap.add_argument("--retry-failed", action="store_true", help="re-download only the samples that failed so far")
+    ap.add_argument("--overwrite", action="store_true", help="replace shards made from another list/params")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in {"url_list": args.url_list, "output_dir": args.out,
+                                   "stats_file": args.stats}.items() if v is not None}
+    p = load_params(args.params, "download", DownloadParams, overrides)
+    try:
+        stats = download_stage(p, retry_failed=args.retry_failed, overwrite=args.overwrite)
+    except DownloadError as e:
+        print(f"campe download: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: stats[k] for k in ("samples", "successes", "success_rate", "shards", "images_per_s")}))
+    return 0
+
