@@ -293,7 +293,9 @@ def make_captions(scene: dict[str, Any], n: int, rng: np.random.Generator) -> li
     for j in order[:n]:
         aspects, _, build = usable[int(j)]
         prefix = PREFIXES[int(rng.integers(len(PREFIXES)))]
-        out.append({"caption": prefix + build(scene), "aspects": list(aspects)})
+        # The full description mentions secondary objects only when there are some.
+        asp = [a for a in aspects if multi or a != "secondary"]
+        out.append({"caption": prefix + build(scene), "aspects": asp})
     return out
 
 

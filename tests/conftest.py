@@ -1,0 +1,31 @@
+"""Shared test set-up: offline environment and a tiny generated benchmark (session-scoped, made once)."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Offline and quiet, before any library is imported (see ../shared/notes/dependencies.md).
+_TMP = tempfile.mkdtemp(prefix="campe-tests-")
+for key, value in {
+    "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+    "PREFECT_HOME": os.path.join(_TMP, "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "DVC_NO_ANALYTICS": "1",
+    "DVC_SITE_CACHE_DIR": os.path.join(_TMP, "dvc-site"), "TORCHINDUCTOR_CACHE_DIR": os.path.join(_TMP, "inductor"),
+    "CAMPE_NO_PROGRESS": "1",
+}.items():
+    os.environ.setdefault(key, value)
+
+import pytest  # noqa: E402
+
+from campe.synth import SynthParams, generate  # noqa: E402
+
+TINY = SynthParams(seed=7, image_size=32, train_images=24, val_images=4, test_images=6, train_captions=2,
+                   test_captions=5, train_videos=3, test_videos=3, video_captions=3, video_frames=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_generated(tmp_path_factory):
+    """A tiny generated benchmark: (params, folder)."""
+    root = tmp_path_factory.mktemp("generated") / "gen"
+    generate(TINY, root)
+    return TINY, root

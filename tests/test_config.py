@@ -1,0 +1,111 @@
+"""Configuration: params.yaml validates, dvc.yaml only names params and paths that exist, the CLI is wired."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from campe import cli
+from campe.config import ConfigError, from_dict, load_params, read_yaml
+from campe.synth import SynthParams
+from stages.download import DownloadParams
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {"generate": SynthParams, "download": DownloadParams}
+
+
+def test_shipped_params_load_into_their_dataclasses():
+    params = read_yaml(ROOT / "params.yaml")
+    for section, cls in SECTIONS.items():
+        obj = load_params(ROOT / "params.yaml", section, cls)
+        # Every field is written out in params.yaml, so a user sees every knob.
+        assert set(params[section]) == {f.name for f in dataclasses.fields(cls)}, section
+        assert dataclasses.asdict(obj) == params[section]
+
+
+def test_unknown_key_is_an_error_naming_it_with_a_suggestion(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("download:\n  image_sise: 64\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:download: unknown key 'image_sise' \(did you mean 'image_size'"):
+        load_params(f, "download", DownloadParams)
+
+
+def test_wrong_types_and_invalid_values_are_errors():
+    with pytest.raises(ConfigError, match=r"x.image_size: expected an integer"):
+        from_dict(DownloadParams, {"image_size": "64"}, "x")
+    with pytest.raises(ConfigError, match=r"x.extra_columns: expected a list"):
+        from_dict(DownloadParams, {"extra_columns": "image_id"}, "x")
+    with pytest.raises(ConfigError, match=r"resize_mode must be one of"):
+        from_dict(DownloadParams, {"resize_mode": "stretch"}, "x")
+    with pytest.raises(ConfigError, match=r"x.image_size: expected an integer, got True"):
+        from_dict(DownloadParams, {"image_size": True}, "x")
+    with pytest.raises(ConfigError, match=r"x.flag: expected true/false"):
+        from_dict(_WithBool, {"flag": "yes"}, "x")
+    assert from_dict(DownloadParams, {"min_success_rate": 1}, "x").min_success_rate == 1.0  # int -> float is fine
+
+
+@dataclasses.dataclass
+class _WithBool:
+    flag: bool = False
+
+
+def test_missing_section_and_missing_file(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("generate: {}\n")
+    with pytest.raises(ConfigError, match=r"missing section 'download:'"):
+        load_params(f, "download", DownloadParams)
+    with pytest.raises(ConfigError, match=r"params file not found"):
+        load_params(tmp_path / "nope.yaml", "download", DownloadParams)
+
+
+def _dvc_params_refs(dvc: dict) -> tuple[set[str], list[str]]:
+    """Params keys named by dvc.yaml (params lists and ${...} templates) and its dep paths."""
+    keys, deps = set(), []
+    text = yaml.safe_dump(dvc)
+    keys |= set(re.findall(r"\$\{([a-zA-Z0-9_.]+)\}", text))
+    for stage in dvc["stages"].values():
+        for entry in stage.get("params", []):
+            keys |= {entry} if isinstance(entry, str) else set()
+        deps += stage.get("deps", [])
+    return keys, deps
+
+
+def _lookup(params: dict, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def test_dvc_yaml_names_only_existing_params_and_deps():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    params = read_yaml(ROOT / "params.yaml")
+    keys, deps = _dvc_params_refs(dvc)
+    assert keys, "dvc.yaml names no params"
+    for key in keys:
+        _lookup(params, key)  # KeyError names a key that params.yaml lacks
+    outs = [o if isinstance(o, str) else next(iter(o)) for s in dvc["stages"].values() for o in s.get("outs", [])]
+    resolve = lambda s: re.sub(r"\$\{([a-zA-Z0-9_.]+)\}", lambda m: str(_lookup(params, m.group(1))), s)  # noqa: E731
+    for dep in map(resolve, deps):
+        produced = any(dep == resolve(o) or dep.startswith(resolve(o).rstrip("/") + "/") for o in outs)
+        assert produced or (ROOT / dep).exists(), f"dvc.yaml dep {dep} neither exists nor is a stage output"
+    for name, stage in dvc["stages"].items():
+        assert any(d.startswith("stages/") for d in stage["deps"]), f"stage {name} does not list its script"
+        assert stage["cmd"].startswith(f"campe {name}"), name
+
+
+def test_cli_commands_resolve_and_unknown_command_fails(capsys):
+    for module, _ in cli.COMMANDS.values():
+        if importlib.util.find_spec(module) is not None:
+            mod = importlib.import_module(module)
+            assert callable(mod.add_arguments) and callable(mod.run)
+    assert cli.main(["--help"]) == 0 and "download" in capsys.readouterr().out
+    assert cli.main(["nonsense"]) == 2
+    assert cli.main(["download", "--params", "/nonexistent/params.yaml"]) == 1
+    assert "params file not found" in capsys.readouterr().err
