@@ -18,14 +18,15 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/overrides.txt
 	    --override requirements/overrides.txt -e '.[test]'
 	touch $(STAMP)
 
+# The venv's bin first, so dvc's stage commands (`campe ...`) resolve.
 repro: $(STAMP)
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) bench/download.py
+	$(PY) bench/download.py --http
 
 clean-venv:
 	rm -rf $(VENV)
