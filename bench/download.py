@@ -30,6 +30,11 @@ from campe.synth import SynthParams, generate  # noqa: E402
 from stages.download import DownloadParams, download_stage  # noqa: E402
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # one line per request would bury the table
+        pass
+
+
 def shard_rate(out: Path) -> float:
     """Images/s inside img2dataset: successes over the span from the first shard's start to the last's end."""
     stats = [json.loads(p.read_text()) for p in out.glob("pass-*/*_stats.json")]
@@ -63,8 +68,7 @@ def main() -> None:
         if args.http:
             import pandas as pd
 
-            handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp / "gen"))
-            handler.log_message = lambda *a: None
+            handler = functools.partial(QuietHandler, directory=str(tmp / "gen"))
             server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             base = f"http://127.0.0.1:{server.server_address[1]}/images/"

@@ -56,7 +56,7 @@ class DownloadParams:
     encode_quality: int = 95
     processes_count: int = 2
     thread_count: int = 16
-    number_sample_per_shard: int = 2000
+    number_sample_per_shard: int = 3000
     retries: int = 0  # img2dataset's own per-request retries
     timeout: int = 10  # seconds per request, so an unreachable host never hangs the stage
     distributor: str = "multiprocessing"  # or "pyspark" / "ray" for a cluster (install them yourself)
