@@ -41,6 +41,10 @@ class DownloadError(RuntimeError):
     """The download stage cannot go on (bad input list, img2dataset failure, success rate too low)."""
 
 
+class DownloadInputError(DownloadError):
+    """The URL list or the output folder is unusable as given: retrying cannot help, fixing the input can."""
+
+
 @dataclass
 class DownloadParams:
     """params.yaml section `download`."""
@@ -87,10 +91,10 @@ def read_url_list(path: str | Path, p: DownloadParams):
 
     path = Path(path)
     if not path.exists():
-        raise DownloadError(f"URL list {path} not found (set download.url_list in params.yaml or pass --url-list)")
+        raise DownloadInputError(f"URL list {path} not found (set download.url_list in params.yaml or pass --url-list)")
     fmt = INPUT_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DownloadError(f"URL list {path}: unsupported format '{path.suffix}'; use one of "
+        raise DownloadInputError(f"URL list {path}: unsupported format '{path.suffix}'; use one of "
                             f"{', '.join(INPUT_FORMATS)}")
     try:
         if fmt == "parquet":
@@ -98,15 +102,15 @@ def read_url_list(path: str | Path, p: DownloadParams):
         else:
             df = pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False)
     except Exception as e:  # pyarrow/pandas raise many types for a corrupt file
-        raise DownloadError(f"URL list {path}: cannot be read as {fmt}: {e}") from None
+        raise DownloadInputError(f"URL list {path}: cannot be read as {fmt}: {e}") from None
     wanted = {"download.url_col": p.url_col, "download.caption_col": p.caption_col}
     wanted.update({f"download.extra_columns[{i}]": c for i, c in enumerate(p.extra_columns)})
     for key, col in wanted.items():
         if col not in df.columns:
-            raise DownloadError(f"URL list {path} has no column '{col}' (from {key}); its columns are "
+            raise DownloadInputError(f"URL list {path} has no column '{col}' (from {key}); its columns are "
                                 f"{list(df.columns)}. Set {key.split('[')[0]} in params.yaml to the right name.")
     if len(df) == 0:
-        raise DownloadError(f"URL list {path} has no rows: nothing to download")
+        raise DownloadInputError(f"URL list {path} has no rows: nothing to download")
     out = df[[p.url_col, p.caption_col, *p.extra_columns]].copy()
     out.columns = ["url", "caption", *p.extra_columns]
     out["url"] = out["url"].astype(str)
@@ -219,7 +223,7 @@ def download_stage(p: DownloadParams, retry_failed: bool = False, overwrite: boo
         old = json.loads(fp_path.read_text())
         if old != fp and not overwrite:
             diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-            raise DownloadError(f"{out} holds shards made with different {', '.join(diff)}; "
+            raise DownloadInputError(f"{out} holds shards made with different {', '.join(diff)}; "
                                 f"re-run with --overwrite to replace them, or choose another --out")
     if overwrite and out.exists():
         import shutil
