@@ -1,0 +1,99 @@
+"""Cost of the model towers on this machine: parameters, image/video encoding throughput, one training step.
+
+    .venv/bin/python bench/model_step.py                    # default config, batch 64 (~1 min on 2 CPU cores)
+    .venv/bin/python bench/model_step.py --config tiny --batch 16 --repeats 2
+
+Rows: image encode (no grad, images/s), video encode (no grad, `frames` frames per clip, clips/s), and a full
+training step of the vanilla-CLIP model (image tower + text tower forward, softmax InfoNCE, backward, AdamW step;
+s/step and pairs/s), also with SigLIP (sigmoid) loss. Captions are ~12-token synthetic ones, tokenised once.
+The last line is a JSON object with the headline figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from campe.losses import CampeObjective, total_loss  # noqa: E402
+from campe.model import build_model  # noqa: E402
+
+WORDS = "a red blue green small large circle square triangle on the near beside with two three striped".split()
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="default")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    rows, headline = [], {}
+    for kind in ("softmax", "sigmoid"):
+        model, cfg = build_model(args.config, contrastive=kind)
+        B, s = args.batch, cfg["image_size"]
+        images = torch.rand(B, 3, s, s, generator=g)
+        captions = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (10,), generator=g))
+                    for _ in range(B)]
+        tokens = model.text.tokenize(captions)
+        objective = CampeObjective(kind)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            total_loss(objective(model(images=images, text=tokens))).backward()
+            opt.step()
+            model.clamp_logit_scale_()
+
+        if kind == "softmax":
+            n_vis = sum(p.numel() for p in model.visual.parameters())
+            n_txt = sum(p.numel() for p in model.text.parameters())
+            rows.append(("parameters (vision / text)", f"{n_vis / 1e6:.2f} M / {n_txt / 1e6:.2f} M", ""))
+            model.eval()
+            with torch.no_grad():
+                t_img = timed(lambda: model.encode_image(images), args.repeats)
+                clips = torch.rand(max(1, B // cfg["frames"]), cfg["frames"], 3, s, s, generator=g)
+                t_vid = timed(lambda: model.encode_video(clips), args.repeats)
+            model.train()
+            rows.append((f"image encode, batch {B}", f"{t_img * 1e3:.1f} ms", f"{B / t_img:.0f} images/s"))
+            rows.append((f"video encode, {clips.shape[0]} clips x {cfg['frames']} frames", f"{t_vid * 1e3:.1f} ms",
+                         f"{clips.shape[0] / t_vid:.1f} clips/s"))
+            headline.update(images_per_s=round(B / t_img, 1), clips_per_s=round(clips.shape[0] / t_vid, 2),
+                            vision_params_M=round(n_vis / 1e6, 3), text_params_M=round(n_txt / 1e6, 3))
+        t_step = timed(step, args.repeats)
+        rows.append((f"train step ({kind}), batch {B}", f"{t_step * 1e3:.0f} ms", f"{B / t_step:.0f} pairs/s"))
+        headline[f"train_step_{kind}_ms"] = round(t_step * 1e3, 1)
+    headline.update(config=args.config, batch=args.batch, threads=torch.get_num_threads())
+
+    w = max(len(r[0]) for r in rows)
+    print(f"campe model bench: config={args.config} batch={args.batch} threads={torch.get_num_threads()}")
+    print(f"{'what':<{w}}  {'time':>12}  rate")
+    for name, t, rate in rows:
+        print(f"{name:<{w}}  {t:>12}  {rate}")
+    print(json.dumps(headline))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
