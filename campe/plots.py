@@ -1,0 +1,142 @@
+"""Evaluation figures (matplotlib, Agg backend; written atomically as PNG).
+
+    from campe.plots import retrieval_examples_grid, aspect_maps_grid, recall_bars
+    retrieval_examples_grid(captions, top5_paths, top5_is_correct, "plots/retrieval_examples.png")
+    aspect_maps_grid(images_uint8, apt_maps, ["subject", "position", "secondary", "background"], "plots/apt_maps.png")
+    recall_bars({"plain": m, "re-weighted": m_w}, "plots/recall.png")
+"""
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on CI/servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from campe.io import atomic_write_bytes  # noqa: E402
+
+CORRECT, WRONG = "#2ca02c", "#d62728"
+
+
+def _save(fig, out_png: str | Path, dpi: int = 100) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(out_png, buf.getvalue())
+    return Path(out_png)
+
+
+def _as_image(x) -> np.ndarray:
+    """Path or array -> float RGB [H, W, 3] in [0, 1] (uint8 is divided by 255)."""
+    if isinstance(x, (str, Path)):
+        with Image.open(x) as im:
+            x = np.asarray(im.convert("RGB"))
+    a = np.asarray(x)
+    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:  # CHW -> HWC
+        a = a.transpose(1, 2, 0)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {a.shape}")
+    return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else np.clip(a.astype(np.float32), 0, 1)
+
+
+def retrieval_examples_grid(query_captions: Sequence[str], topk_image_paths: Sequence[Sequence[str]],
+                            correct_flags: Sequence[Sequence[bool]], out_png: str | Path,
+                            title: str | None = None) -> Path:
+    """One row per text query: the caption, then its top-k retrieved images (rank order), the correct one(s) framed
+    in green and marked with a check, the others in red."""
+    q = len(query_captions)
+    if q == 0 or len(topk_image_paths) != q or len(correct_flags) != q:
+        raise ValueError(f"retrieval_examples_grid: need one caption, one top-k list and one flag list per query "
+                         f"(got {q}, {len(topk_image_paths)}, {len(correct_flags)})")
+    k = max(len(p) for p in topk_image_paths)
+    fig, axes = plt.subplots(q, k + 1, figsize=(2.6 + 1.6 * k, 1.75 * q), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6] + [1] * k})
+    for r in range(q):
+        if len(correct_flags[r]) != len(topk_image_paths[r]):
+            raise ValueError(f"retrieval_examples_grid: query {r} has {len(topk_image_paths[r])} images but "
+                             f"{len(correct_flags[r])} flags")
+        ax = axes[r, 0]
+        ax.axis("off")
+        found = next((i + 1 for i, c in enumerate(correct_flags[r]) if c), None)
+        status = f"found at rank {found}" if found else f"not in top {len(correct_flags[r])}"
+        ax.text(0, 0.5, textwrap.fill(str(query_captions[r]), 30) + f"\n[{status}]", fontsize=8, va="center",
+                ha="left", transform=ax.transAxes, color="black" if found else WRONG)
+        for c in range(k):
+            ax = axes[r, c + 1]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(topk_image_paths[r]):
+                ax.axis("off")
+                continue
+            ok = bool(correct_flags[r][c])
+            ax.imshow(_as_image(topk_image_paths[r][c]), interpolation="nearest")
+            for side in ax.spines.values():
+                side.set_edgecolor(CORRECT if ok else WRONG)
+                side.set_linewidth(4 if ok else 1.5)
+            ax.set_title(f"#{c + 1}" + (" \u2713" if ok else ""), fontsize=8, color=CORRECT if ok else "black")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def aspect_maps_grid(images, maps, aspect_names: Sequence[str], out_png: str | Path, alpha: float = 0.55) -> Path:
+    """Per-APT patch maps: images [B, H, W, 3] (uint8 or float in [0,1]), maps [B, K, h, w] (any scale; each map
+    is min-max normalised on its own and upsampled to H x W). Row = image; columns = the image, then one overlay
+    per aspect."""
+    imgs = [_as_image(x) for x in (images.numpy() if hasattr(images, "numpy") else images)]
+    m = np.asarray(maps.detach().cpu().numpy() if hasattr(maps, "detach") else maps, dtype=np.float32)
+    if m.ndim != 4 or m.shape[0] != len(imgs):
+        raise ValueError(f"aspect_maps_grid: maps must be [B, K, h, w] with B={len(imgs)} images, got {m.shape}")
+    b, k = m.shape[:2]
+    if len(aspect_names) != k:
+        raise ValueError(f"aspect_maps_grid: {len(aspect_names)} aspect names for K={k} maps")
+    fig, axes = plt.subplots(b, k + 1, figsize=(1.7 * (k + 1), 1.7 * b), squeeze=False)
+    for r in range(b):
+        h, w = imgs[r].shape[:2]
+        axes[r, 0].imshow(imgs[r], interpolation="nearest")
+        for c in range(k):
+            mm = m[r, c]
+            mm = (mm - mm.min()) / (mm.max() - mm.min()) if mm.max() > mm.min() else np.zeros_like(mm)
+            up = np.asarray(Image.fromarray(mm).resize((w, h), Image.BILINEAR))
+            axes[r, c + 1].imshow(imgs[r], interpolation="nearest")
+            axes[r, c + 1].imshow(up, cmap="jet", alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("image" if c == 0 else aspect_names[c - 1], fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def recall_bars(metrics: dict, out_png: str | Path, title: str | None = None) -> Path:
+    """Grouped bars of the R@k metrics (i2t_R@1 ... t2i_R@10) of one run, or of several runs given as
+    {run name: metrics} (e.g. plain vs aspect re-weighted), with values printed on the bars."""
+    runs = metrics if metrics and all(isinstance(v, dict) for v in metrics.values()) else {"": metrics}
+    names = [k for k in next(iter(runs.values())) if "_R@" in k]
+    if not names:
+        raise ValueError(f"recall_bars: no '<dir>_R@k' keys in metrics (got {list(next(iter(runs.values())))[:6]})")
+    x = np.arange(len(names))
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(names) * max(1, len(runs) * 0.6), 3.2))
+    for i, (run, m) in enumerate(runs.items()):
+        vals = [float(m.get(n, np.nan)) for n in names]
+        bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, vals, width, label=run or None)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("recall (%)")
+    ax.set_ylim(0, 110)
+    ax.grid(axis="y", alpha=0.3)
+    if len(runs) > 1:
+        ax.legend(fontsize=8, loc="upper left")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
