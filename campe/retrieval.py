@@ -152,7 +152,7 @@ def _t2i_exact(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, chunk: i
 
 
 def retrieval_ranks(img: torch.Tensor, txt: torch.Tensor, txt_to_img: torch.Tensor, chunk: int | None = None,
-                    ties: str = "pessimistic", tol: float = 2.0 ** -21,
+                    ties: str = "pessimistic", tol: float = 2.0 ** -22,
                     stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """1-based ranks (i2t [N], t2i [M]) for img [N,D], txt [M,D] float32, txt_to_img [M] in [0, N).
 
