@@ -66,8 +66,8 @@ def describe(enc, layout: PromptLayout, tokens: bool = False) -> str:
     kind = f"{enc.family}, {'causal' if enc.causal else 'bidirectional'}"
     lines = [f"model: {type(enc.lm).__name__} ({kind}; attention: {enc.lm.config._attn_implementation}), "
              f"pooling {cfg.pooling}, {layout.k} prompts" + (" + their negations" if cfg.negation else "")
-             + f", {enc.num_layers} layers "
-             f"(APT enters layer {enc.start_layer})",
+             + f", {enc.num_layers} layers (trainable from layer {enc.start_layer}"
+             + (", where the APT vectors enter)" if layout.k else ")"),
              f"sequence: {n} tokens (caption {int(layout.caption_lengths[0])}"
              + (", TRUNCATED to max_length" if bool(layout.truncated[0]) else "") + ")",
              "",
@@ -103,10 +103,10 @@ def render_mask(enc, layout: PromptLayout, path: str) -> None:
     allowed = (enc.attention_mask(layout)[0, 0, :n, :n] == 0).cpu().numpy()
     seg = layout.segment_ids[0, :n].cpu().numpy()
     k = layout.k
-    cmap = plt.get_cmap("tab10")
+    palette = [plt.get_cmap("tab10")(i)[:3] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # no grey: that is the caption
     colour = {0: np.array([0.45, 0.45, 0.45])}
     for s in range(1, len(enc.prompt_ids) + 1):
-        base = np.array(cmap((s - 1) % k % 10)[:3])
+        base = np.array(palette[(s - 1) % k % len(palette)])
         colour[s] = base if s <= k else 0.55 * base + 0.45  # negated prompt: lighter shade of its prompt
     img = np.ones((n, n, 3))
     for s, c in colour.items():
@@ -114,7 +114,7 @@ def render_mask(enc, layout: PromptLayout, path: str) -> None:
 
     labels = _token_labels(enc, layout)
     names = _span_names(enc, layout)
-    size = min(14.0, max(4.5, 0.16 * n + 1.5))
+    size = min(14.0, max(7.0, 0.16 * n + 1.5))
     fig, ax = plt.subplots(figsize=(size, size), dpi=110)
     ax.imshow(img, interpolation="nearest")
     bounds = [i for i in range(1, n) if seg[i] != seg[i - 1]]
