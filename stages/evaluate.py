@@ -1,0 +1,188 @@
+"""Stage `evaluate`: zero-shot image-text and video-text retrieval, zero-shot classification, pictures.
+
+    campe evaluate                                             # params.yaml:evaluate, the trained checkpoint
+    campe evaluate --checkpoint path/to/ckpt --image-set flickr=/data/flickr30k/dataset_flickr30k.json
+
+For each image set (Karpathy-split JSON: Flickr30k, COCO, the generated set) and video set (MSR-VTT style folder),
+writes `<metrics_dir>/<name>.json` (dataset, split, caption policy, checkpoint, params hash, the metrics
+`i2t_R@1` ... `t2i_median_rank`, and the aspect re-weighted metrics when weights are set), a recall bar chart, a
+retrieval-examples grid and, for multi-prompt models, one patch-similarity map per prompt segment. Zero-shot
+classification on the generated set's shape and colour classes goes to `<metrics_dir>/zero_shot.json`. Everything
+is also logged to the training run in MLflow when the checkpoint has an `mlflow_run_id.txt`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from campe import plots
+from campe.config import load_params
+from campe.embed import Embedder
+from campe.evaldata import (ZERO_SHOT_TEMPLATES, class_folder, class_prompts, load_karpathy, load_msrvtt,
+                            make_zero_shot_folders)
+from campe.io import atomic_write_json
+from campe.retrieval import eval_record, retrieval_metrics, zero_shot_classify
+
+
+@dataclass
+class EvaluateParams:
+    """params.yaml section `evaluate`."""
+
+    checkpoint: str = "data/model"
+    image_sets: dict[str, str] = field(default_factory=lambda: {"generated": "data/generated/dataset_karpathy.json"})
+    video_sets: dict[str, str] = field(default_factory=lambda: {"generated_msrvtt": "data/generated/msrvtt"})
+    zero_shot_root: str = "data/generated"  # a generated set: shape and colour classes ("" = skip)
+    metrics_dir: str = "metrics/eval"
+    plots_dir: str = "plots/eval"
+    batch_size: int = 256
+    # retrieval computation
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    zero_shot_ks: list[int] = field(default_factory=lambda: [1, 5])
+    chunk: int = 0  # image rows per score chunk; 0 = auto
+    ties: str = "pessimistic"  # or "optimistic"
+    aspect_weights: list[float] = field(default_factory=list)  # K weights; empty = plain cosine only
+    # data
+    karpathy_split: str = "test"
+    max_captions: int = 5
+    on_missing: str = "error"  # or "skip" (count and drop missing images/videos)
+    msrvtt_policy: str = "1k-A"  # or "full"
+    msrvtt_max_captions: int = 20
+    video_frames: int = 8
+    examples: int = 4  # queries shown in the retrieval-examples grid and images in the aspect maps
+
+    def validate(self) -> None:
+        from campe.evaldata import EvalDataParams
+        from campe.retrieval import RetrievalParams
+
+        # The two library dataclasses own the checks of their fields.
+        RetrievalParams(ks=self.ks, zero_shot_ks=self.zero_shot_ks, chunk=self.chunk, ties=self.ties,
+                        aspect_weights=self.aspect_weights).validate()
+        EvalDataParams(karpathy_split=self.karpathy_split, max_captions=self.max_captions, on_missing=self.on_missing,
+                       msrvtt_policy=self.msrvtt_policy, msrvtt_max_captions=self.msrvtt_max_captions,
+                       video_frames=self.video_frames).validate()
+        if self.batch_size < 1 or self.examples < 0:
+            raise ValueError("batch_size must be >= 1 and examples >= 0")
+
+
+def params_hash(p: EvaluateParams) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(p), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _metrics(p: EvaluateParams, img: torch.Tensor, txt: torch.Tensor, txt_to_img, k_segments: int | None) -> dict:
+    """Plain metrics, and the aspect re-weighted ones (prefixed `reweighted_`) when weights are set."""
+    kw = dict(ks=p.ks, chunk=p.chunk or None, ties=p.ties)
+    out = retrieval_metrics(img, txt, torch.as_tensor(txt_to_img), **kw)
+    if p.aspect_weights:
+        if k_segments is None:
+            raise ValueError("evaluate.aspect_weights is set but the model's text tower gives no prompt segments "
+                             "(only multi-prompt/defo towers do); set aspect_weights: []")
+        w = retrieval_metrics(img, txt, torch.as_tensor(txt_to_img), weights=p.aspect_weights,
+                              k_segments=k_segments, **kw)
+        out.update({f"reweighted_{k}": v for k, v in w.items()})
+    return out
+
+
+def _examples_grid(p: EvaluateParams, name: str, img: torch.Tensor, txt: torch.Tensor, image_paths, captions,
+                   txt_to_img) -> Path:
+    n = min(p.examples, len(captions))
+    queries = list(range(0, len(captions), max(1, len(captions) // max(n, 1))))[:n]
+    top = (txt[queries] @ img.T).topk(min(5, img.shape[0]), dim=1).indices
+    return plots.retrieval_examples_grid(
+        [captions[q] for q in queries], [[image_paths[j] for j in row.tolist()] for row in top],
+        [[j == txt_to_img[q] for j in row.tolist()] for q, row in zip(queries, top)],
+        Path(p.plots_dir) / f"{name}_examples.png", title=f"{name}: text -> image, top 5 (correct marked)")
+
+
+def _aspect_maps(p: EvaluateParams, name: str, emb: Embedder, image_paths, captions, txt_to_img, txt: torch.Tensor,
+                 k: int) -> Path:
+    """Per prompt segment k: <patch embedding segment k, text segment k> over the patch grid of a few images."""
+    from campe.embed import load_images
+
+    idx = list(range(min(p.examples, len(image_paths))))
+    first_caption = {i: next(j for j, t in enumerate(txt_to_img) if t == i) for i in idx}
+    patches = emb.patches([image_paths[i] for i in idx])  # [B, P, D]
+    B, P, D = patches.shape
+    t = txt[[first_caption[i] for i in idx]].view(B, k, D // k)
+    maps = torch.einsum("bpkd,bkd->bkp", patches.view(B, P, k, D // k), t)
+    grid = int(round(P ** 0.5))
+    images = load_images([image_paths[i] for i in idx], emb.image_size).permute(0, 2, 3, 1).numpy()
+    return plots.aspect_maps_grid(images, maps.view(B, k, grid, grid).numpy(), [f"APT-{i + 1}" for i in range(k)],
+                                  Path(p.plots_dir) / f"{name}_aspect_maps.png")
+
+
+def evaluate_image_set(p: EvaluateParams, emb: Embedder, name: str, ann: str) -> dict[str, Any]:
+    ds = load_karpathy(ann, split=p.karpathy_split, max_captions=p.max_captions, on_missing=p.on_missing)
+    img = emb.images(ds.image_paths)
+    txt, seg = emb.texts(ds.captions)
+    k = None if seg is None else seg.shape[1]
+    metrics = _metrics(p, img, txt, ds.txt_to_img, k)
+    files = [plots.recall_bars(metrics, Path(p.plots_dir) / f"{name}_recall.png", title=name),
+             _examples_grid(p, name, img, txt, ds.image_paths, ds.captions, ds.txt_to_img)]
+    if k is not None and p.examples:
+        files.append(_aspect_maps(p, name, emb, ds.image_paths, ds.captions, ds.txt_to_img, txt, k))
+    rec = eval_record(metrics, dataset=name, split=p.karpathy_split, caption_policy=f"first {p.max_captions}",
+                      checkpoint=p.checkpoint, params_hash=params_hash(p), weights=p.aspect_weights or None,
+                      ties=p.ties, annotation=str(ann), images=len(ds.image_paths), captions=len(ds.captions),
+                      skipped=ds.skipped, k_segments=k)
+    return {"record": rec, "files": files}
+
+
+def evaluate_video_set(p: EvaluateParams, emb: Embedder, name: str, root: str) -> dict[str, Any]:
+    ds = load_msrvtt(root, policy=p.msrvtt_policy, max_captions=p.msrvtt_max_captions, on_missing=p.on_missing)
+    vid = emb.videos(ds.video_paths)
+    txt, seg = emb.texts(ds.captions)
+    k = None if seg is None else seg.shape[1]
+    # Video sets name the directions v2t / t2v (MSR-VTT convention).
+    metrics = {key.replace("i2t_", "v2t_").replace("t2i_", "t2v_"): v
+               for key, v in _metrics(p, vid, txt, ds.txt_to_video, k).items()}
+    files = [plots.recall_bars(metrics, Path(p.plots_dir) / f"{name}_recall.png", title=name)]
+    rec = eval_record(metrics, dataset=name, split="test", caption_policy=p.msrvtt_policy, checkpoint=p.checkpoint,
+                      params_hash=params_hash(p), weights=p.aspect_weights or None, ties=p.ties, root=str(root),
+                      videos=len(ds.video_paths), captions=len(ds.captions), skipped=ds.skipped,
+                      frames=p.video_frames, k_segments=k)
+    return {"record": rec, "files": files}
+
+
+def evaluate_zero_shot(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict[str, Any]:
+    """Shape and colour classification of the generated test images from class-name prompts."""
+    folders = make_zero_shot_folders(p.zero_shot_root, work_dir / "zero_shot")
+    metrics: dict[str, float] = {}
+    for task, folder in folders.items():
+        paths, labels, names = class_folder(folder)
+        prompts = class_prompts(names, ZERO_SHOT_TEMPLATES[task])
+        C, T = len(prompts), len(prompts[0])
+        txt, seg = emb.texts([s for row in prompts for s in row])
+        class_emb = txt.view(C, T, -1)
+        img = emb.images(paths)
+        ks = [k for k in p.zero_shot_ks if k <= C]
+        res = zero_shot_classify(img, class_emb, torch.as_tensor(labels), ks=ks, ties=p.ties)
+        metrics.update({f"{task}_{k}": v for k, v in res.items()})
+        if p.aspect_weights and seg is not None:
+            res = zero_shot_classify(img, class_emb, torch.as_tensor(labels), ks=ks, ties=p.ties,
+                                     weights=p.aspect_weights, k_segments=seg.shape[1])
+            metrics.update({f"reweighted_{task}_{k}": v for k, v in res.items()})
+    rec = eval_record(metrics, dataset="generated_zero_shot", split="test", caption_policy="class-name templates",
+                      checkpoint=p.checkpoint, params_hash=params_hash(p), weights=p.aspect_weights or None,
+                      ties=p.ties, classes={t: len(class_folder(f)[2]) for t, f in folders.items()})
+    return {"record": rec, "files": []}
+
+
+def evaluate_all(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every configured set; writes one metrics JSON each (atomically) and returns {name: {record, files}}."""
+    results: dict[str, dict[str, Any]] = {}
+    for name, ann in p.image_sets.items():
+        results[name] = evaluate_image_set(p, emb, name, ann)
+    for name, root in p.video_sets.items():
+        results[name] = evaluate_video_set(p, emb, name, root)
+    if p.zero_shot_root:
+        results["zero_shot"] = evaluate_zero_shot(p, emb, work_dir)
+    for name, r in results.items():
+        atomic_write_json(Path(p.metrics_dir) / f"{name}.json", r["record"])
+    return results

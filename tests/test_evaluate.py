@@ -1,0 +1,92 @@
+"""The evaluation stage end to end on the tiny generated set, with real (untrained) models."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from campe.embed import Embedder, load_images
+from campe.evaldata import MissingFilesError, load_karpathy
+from campe.model import build_model
+from campe.retrieval import retrieval_metrics
+from stages.evaluate import EvaluateParams, evaluate_all, evaluate_image_set
+
+
+@pytest.fixture(scope="module")
+def vanilla():
+    torch.manual_seed(0)
+    model, _ = build_model("tiny")
+    return model, Embedder(model, model.text.tokenize, batch_size=7, frames=4, progress=False)
+
+
+def _params(root, tmp_path, **kw):
+    base = dict(checkpoint="untrained", image_sets={"gen": str(root / "dataset_karpathy.json")},
+                video_sets={"gen_video": str(root / "msrvtt")}, zero_shot_root=str(root),
+                metrics_dir=str(tmp_path / "metrics"), plots_dir=str(tmp_path / "plots"), video_frames=4)
+    base.update(kw)
+    return EvaluateParams(**base)
+
+
+def test_all_sets_write_named_metrics_records_and_pictures(tiny_generated, vanilla, tmp_path):
+    _, root = tiny_generated
+    p = _params(root, tmp_path)
+    results = evaluate_all(p, vanilla[1], tmp_path)
+    assert set(results) == {"gen", "gen_video", "zero_shot"}
+    gen = json.loads((tmp_path / "metrics" / "gen.json").read_text())
+    assert {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_median_rank",
+            "t2i_mean_rank"} <= set(gen["metrics"])
+    assert (gen["dataset"], gen["split"], gen["checkpoint"]) == ("gen", "test", "untrained")
+    assert len(gen["params_hash"]) == 12 and gen["images"] == 6 and gen["captions"] == 30
+    vid = json.loads((tmp_path / "metrics" / "gen_video.json").read_text())
+    assert {"v2t_R@1", "t2v_R@1", "t2v_R@10"} <= set(vid["metrics"]) and vid["caption_policy"] == "1k-A"
+    zs = json.loads((tmp_path / "metrics" / "zero_shot.json").read_text())
+    assert {"shape_top1", "shape_top5", "colour_top1", "colour_top5"} <= set(zs["metrics"])
+    for r in results.values():
+        assert all(0.0 <= v <= 100.0 for k, v in r["record"]["metrics"].items() if "rank" not in k and k != "rsum")
+        assert all(f.exists() and f.stat().st_size > 0 for f in r["files"])
+
+
+def test_batched_stage_metrics_equal_one_by_one_reference(tiny_generated, vanilla, tmp_path):
+    _, root = tiny_generated
+    model, emb = vanilla
+    p = _params(root, tmp_path, video_sets={}, zero_shot_root="")
+    rec = evaluate_image_set(p, emb, "gen", str(root / "dataset_karpathy.json"))["record"]
+    ds = load_karpathy(root / "dataset_karpathy.json")
+    with torch.no_grad():
+        img = torch.cat([model.encode_image(load_images([path], 32)) for path in ds.image_paths])
+        txt = torch.cat([model.encode_text(model.text.tokenize([c]))["text"] for c in ds.captions])
+    ref = retrieval_metrics(img, txt, torch.tensor(ds.txt_to_img))
+    assert rec["metrics"] == pytest.approx(ref)
+
+
+def test_aspect_weights_all_ones_equal_plain_and_need_segments(tiny_generated, vanilla, tmp_path):
+    from campe.multiprompt import MultiPromptConfig, build_text_encoder
+
+    _, root = tiny_generated
+    enc = build_text_encoder(MultiPromptConfig(k=4, embed_dim=128))
+    model, _ = build_model("tiny", text_tower=enc, embed_dim=128)
+    emb = Embedder(model, enc.layout, batch_size=16, progress=False)
+    p = _params(root, tmp_path, aspect_weights=[1.0] * 4, video_sets={}, zero_shot_root="")
+    res = evaluate_image_set(p, emb, "gen", str(root / "dataset_karpathy.json"))
+    m = res["record"]["metrics"]
+    assert res["record"]["k_segments"] == 4
+    assert {k: m[f"reweighted_{k}"] for k in m if not k.startswith("reweighted_")} == pytest.approx(
+        {k: v for k, v in m.items() if not k.startswith("reweighted_")})
+    assert any(f.name == "gen_aspect_maps.png" for f in res["files"])
+    with pytest.raises(ValueError, match="aspect_weights is set but the model's text tower gives no prompt segments"):
+        evaluate_image_set(p, vanilla[1], "gen", str(root / "dataset_karpathy.json"))
+
+
+def test_missing_images_error_or_skip_and_count(tiny_generated, vanilla, tmp_path):
+    _, root = tiny_generated
+    copy = tmp_path / "gen"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("msrvtt"))
+    (copy / "images" / "test_000002.jpg").unlink()
+    p = _params(copy, tmp_path, video_sets={}, zero_shot_root="")
+    with pytest.raises(MissingFilesError, match=r"(?s)test_000002.jpg.*on_missing"):
+        evaluate_all(p, vanilla[1], tmp_path)
+    p = _params(copy, tmp_path, video_sets={}, zero_shot_root="", on_missing="skip")
+    rec = evaluate_all(p, vanilla[1], tmp_path)["gen"]["record"]
+    assert (rec["images"], rec["skipped"]) == (5, 1)
