@@ -3,6 +3,7 @@
     campe generate            # make the embedded default benchmark (images, videos, URL list)
     campe download            # img2dataset -> webdataset shards, stats roll-up
     campe download --retry-failed
+    campe flow run | show | serve
     campe prompts "a red circle on a blue background"
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args) -> int`; the module
@@ -20,6 +21,7 @@ from campe.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("stages.generate", "generate the embedded default benchmark (images, videos, annotations)"),
     "download": ("stages.download", "download a URL list with img2dataset into webdataset shards"),
+    "flow": ("pipelines.campe_flow", "run, show or serve the Prefect flow (scheduled deployment from params.yaml)"),
     "prompts": ("campe.prompts_debug", "show the multi-prompt token layout and attention mask of a caption"),
 }
 

@@ -12,10 +12,11 @@ import yaml
 from campe import cli
 from campe.config import ConfigError, from_dict, load_params, read_yaml
 from campe.synth import SynthParams
+from pipelines.campe_flow import FlowParams
 from stages.download import DownloadParams
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"generate": SynthParams, "download": DownloadParams}
+SECTIONS = {"generate": SynthParams, "download": DownloadParams, "flow": FlowParams}
 
 
 def test_shipped_params_load_into_their_dataclasses():

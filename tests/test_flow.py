@@ -48,3 +48,21 @@ def test_flow_fails_with_the_stage_error(prefect_server, tmp_path):
     assert state.is_failed()
     with pytest.raises(Exception, match="no column 'no_such_column'"):
         state.result()
+
+
+def test_deployment_schedule_and_parameters_come_from_params(tmp_path):
+    from pipelines.campe_flow import build_deployment
+
+    params, gen_dir, _ = _write_params(tmp_path)
+    cfg = yaml.safe_load(params.read_text())
+    cfg["flow"] = {"deployment_name": "nightly", "cron": "15 2 * * 1", "timezone": "Europe/Paris",
+                   "generate": False, "generated_dir": str(gen_dir)}
+    params.write_text(yaml.safe_dump(cfg))
+    dep = build_deployment(str(params))
+    sched = dep.schedules[0].schedule
+    assert (dep.name, sched.cron, sched.timezone) == ("nightly", "15 2 * * 1", "Europe/Paris")
+    assert dep.parameters == {"params_file": str(params), "generated_dir": str(gen_dir), "generate": False}
+    cfg["flow"]["cron"] = "every night"
+    params.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="'every night'.*not a valid schedule"):
+        build_deployment(str(params))
