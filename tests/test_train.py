@@ -1,0 +1,345 @@
+"""Training loop: method table, trainable vs frozen weights, learning on a tiny real set, exact resume after a kill,
+MLflow in a real SQLite store, two gloo ranks vs one process, the `campe train` stage.
+
+Towers are tiny: the vanilla CLIP text transformer, or a 2-layer BERT with random weights saved as a local
+checkpoint folder (with the packaged MiniLM tokenizer) for the multi-prompt encoder. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from campe.config import ConfigError
+from campe.train_loop import (CKPT, FINAL, LOG_FILE, METHODS, RUN_ID_FILE, MemoryPairs, build_run_model,
+                              load_trained_model, lr_factor, make_optimizer, read_log, resolve_run_config,
+                              split_decay, train)
+
+TINY_MODEL = dict(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=64, frames=4,
+                  context_length=32, text_width=64, text_layers=2, text_heads=2)
+QUIET = dict(tracking_uri="", metrics_file="", progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against other work (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> str:
+    """A 2-layer BERT (random weights, dropout on) + the MiniLM tokenizer, saved as a local model folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    from campe.multiprompt import resolve_model_path
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
+    torch.manual_seed(0)
+    lm = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=96))
+    path = tmp_path_factory.mktemp("tiny_bert")
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _pairs(n: int = 48, seed: int = 0) -> MemoryPairs:
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, 3, 32, 32, generator=g) * 255).to(torch.uint8)
+    colours, shapes = ["red", "blue", "green", "yellow"], ["circle", "square", "triangle"]
+    captions = [f"a {colours[i % 4]} {shapes[i % 3]} number {i}" for i in range(n)]
+    return MemoryPairs(images, captions)
+
+
+def _cfg(out: Path, method: str = "vanilla", lm: str | None = None, loss: dict | None = None, **train_kw):
+    sections = {"model": dict(TINY_MODEL),
+                "loss": loss if loss is not None else {"lambda_div": 0.2, "div_margin": None, "lambda_neg": 0.1},
+                "train": {"method": method, "out_dir": str(out), "batch_size": 8, "warmup_steps": 2, "lr": 1e-3,
+                          **QUIET, **train_kw}}
+    if lm is not None:
+        sections["text_encoder"] = dict(model_path=lm, k=4, defo_tokens=4, max_length=24)
+    return resolve_run_config(sections)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def test_method_table_resolves_to_the_baselines():
+    loss = {"lambda_div": 0.2, "lambda_neg": 0.1}
+    for method, spec in METHODS.items():
+        cfg = resolve_run_config({"model": TINY_MODEL, "text_encoder": {"k": 4, "defo_tokens": 8}, "loss": loss,
+                                  "train": {"method": method}})
+        if spec["text_encoder"] is None:
+            assert cfg.text_encoder is None and cfg.model.text_encoder == "vanilla"
+        else:
+            for k, v in spec["text_encoder"].items():
+                assert getattr(cfg.text_encoder, k) == v, (method, k)
+            assert cfg.text_encoder.embed_dim == cfg.model.embed_dim == 64
+        assert (cfg.loss.lambda_div > 0) == method.startswith("multi_prompt_div"), method
+        assert (cfg.loss.lambda_neg > 0) == (method == "multi_prompt_div_neg"), method
+    # The contrastive switch is loss.kind; the model's temperature/bias follow it.
+    cfg = resolve_run_config({"loss": {"kind": "sigmoid"}, "train": {"method": "vanilla"}})
+    assert cfg.model.contrastive == "sigmoid"
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"train": {"method": "clip"}}, r"params:train: method 'clip' is not one of: vanilla"),
+    ({"train": {"lr_max": 1.0}}, r"params:train: unknown key 'lr_max'"),
+    ({"train": {"method": "multi_prompt_div"}, "loss": {"lambda_div": 0.0}},
+     r"method 'multi_prompt_div' needs lambda_div > 0"),
+    ({"model": {"contrastive": "softmax"}, "loss": {"kind": "sigmoid"}, "train": {"method": "vanilla"}},
+     r"the switch is loss.kind"),
+    ({"model": {"text_encoder": "vanilla"}, "train": {"method": "mean"}}, r"the method picks the text tower"),
+    ({"text_encoder": {"embed_dim": 96}, "loss": {"lambda_div": 0.1, "lambda_neg": 0.1}},
+     r"embed_dim 96 disagrees with model.embed_dim 384"),
+    ({"text_encoder": {"k": 5}, "loss": {"lambda_div": 0.1, "lambda_neg": 0.1}},
+     r"embed_dim \(384\) must be a positive multiple of the number of prompts \(5"),
+    ({"train": {"steps": 0, "epochs": 0}}, r"set steps > 0 or epochs > 0"),
+])
+def test_bad_run_config_is_a_clear_error(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_run_config(sections)
+
+
+def test_schedule_and_weight_decay_groups(tiny_lm):
+    assert lr_factor(0, 4, 20, 0.1) == pytest.approx(0.25) and lr_factor(3, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 20, 0.1) == pytest.approx(1.0) and lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+    assert lr_factor(12, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
+    cfg = _cfg(Path("unused"), "multi_prompt_div_neg", tiny_lm)
+    model, _, _ = build_run_model(cfg)
+    decay, no_decay = split_decay(model)
+    for name in ("logit_scale", "text.apt", "text.head_bias", "visual.pos_embed", "visual.pool.probe",
+                 "visual.conv.bias", "visual.blocks.0.ln_1.weight", "text.lm.encoder.layer.1.output.LayerNorm.weight"):
+        assert name in no_decay, name
+    for name in ("text.head_weight", "visual.conv.weight", "visual.proj.weight", "visual.blocks.0.attn.qkv.weight",
+                 "text.lm.encoder.layer.1.attention.self.query.weight"):
+        assert name in decay, name
+    assert not any(n.startswith(("text.lm.embeddings", "text.lm.encoder.layer.0")) for n in decay + no_decay)
+    opt = make_optimizer(model, cfg.train)
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.train.weight_decay, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------ what trains
+
+def test_only_trainable_parameters_get_gradients_and_frozen_lm_is_bit_identical(tiny_lm, tmp_path):
+    cfg = _cfg(tmp_path / "run", "multi_prompt_div_neg", tiny_lm, steps=2)
+    model, _, _ = build_run_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("text.lm.") for n in frozen)
+    assert not any(n.startswith("text.lm.encoder.layer.1.") for n in frozen)  # the last layer trains
+    train(cfg, source=_pairs(), model=model)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert p.grad is None, n
+            assert torch.equal(p, before[n]), n  # bit-identical
+        else:
+            # everything trainable got a gradient on the last step and moved: last LM layer, APT vectors,
+            # heads, image tower, temperature
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+            assert not torch.equal(p, before[n]), n
+    for n in ("text.apt", "text.head_weight", "text.lm.encoder.layer.1.output.dense.weight", "logit_scale",
+              "visual.conv.weight"):
+        assert n not in frozen
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "vanilla"])
+def test_every_lm_baseline_trains_with_its_own_terms(method, tiny_lm, tmp_path):
+    cfg = _cfg(tmp_path, method, tiny_lm, steps=1, log_every=1)
+    summary = train(cfg, source=_pairs(16))
+    terms = {k for k in summary["final"] if k.endswith("_loss")}
+    want = {"contrastive_loss"} | ({"diversity_loss"} if "div" in method else set()) | (
+        {"negation_loss"} if method.endswith("neg") else set())
+    assert terms == want
+    assert math.isfinite(summary["final"]["loss"])
+
+
+# ------------------------------------------------------------------------------------------------ learning + MLflow
+
+@pytest.fixture(scope="module")
+def shards(tiny_generated, tmp_path_factory):
+    """The tiny generated benchmark's train list through the real download stage (webdataset shards, 32 px)."""
+    from stages.download import DownloadParams, download_stage
+    _, root = tiny_generated
+    tmp = tmp_path_factory.mktemp("train_shards")
+    download_stage(DownloadParams(url_list=str(root / "urls" / "train.parquet"), output_dir=str(tmp / "shards"),
+                                  stats_file=str(tmp / "stats.json"), extra_columns=["image_id"], image_size=32,
+                                  processes_count=1, thread_count=4, number_sample_per_shard=30))
+    return tmp / "shards"
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """`campe train` (the stage's run()) from a params file: vanilla tiny towers, 200 steps, MLflow in SQLite."""
+    from stages.train import add_arguments, run
+    tmp = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    params = tmp / "params.yaml"
+    import yaml
+    params.write_text(yaml.safe_dump({
+        "model": TINY_MODEL, "loss": {"kind": "softmax"},
+        "train": {"method": "vanilla", "shards_dir": "unused", "out_dir": "unused", "steps": 200, "batch_size": 16,
+                  "lr": 2e-3, "warmup_steps": 10, "weight_decay": 0.05, "log_every": 20, "ckpt_every": 100,
+                  "progress": False, "tracking_uri": uri, "experiment": "campe-test",
+                  "artifact_root": str(tmp / "artifacts"), "metrics_file": str(tmp / "metrics" / "train.json")}}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp / "run"
+    args = parser.parse_args(["--params", str(params), "--shards", str(shards), "--out", str(out)])
+    assert run(args) == 0
+    return out, uri, tmp
+
+
+def test_a_few_hundred_steps_drive_the_loss_down_and_beat_chance_retrieval(trained, shards):
+    out, _, tmp = trained
+    rows = read_log(out / LOG_FILE)
+    assert [int(r["step"]) for r in rows] == list(range(1, 201))  # every step logged once
+    first, last = [sum(r["loss"] for r in part) / len(part) for part in (rows[:20], rows[-20:])]
+    assert last < 0.5 * first, (first, last)
+    # lr follows warm-up + cosine (the logged lr is the one the step used)
+    for r in rows[::37]:
+        assert r["lr"] == pytest.approx(2e-3 * lr_factor(int(r["step"]) - 1, 10, 200, 0.1), rel=1e-6)
+    # Retrieval on the training images (one caption each) with the saved final model, vs chance 1/N.
+    model, cfg = load_trained_model(out)
+    pairs = MemoryPairs.from_shards(shards, 32)
+    first = {}  # each distinct image once, with its first caption
+    for i in range(len(pairs)):
+        first.setdefault(pairs.images[i].numpy().tobytes(), i)
+    idx = torch.tensor(sorted(first.values()))
+    with torch.no_grad():
+        img = model.encode_image(pairs.images[idx])
+        txt = model.encode_text([pairs.captions[i] for i in idx.tolist()])["text"]
+    n = len(idx)
+    i2t = ((img @ txt.T).argmax(1) == torch.arange(n)).float().mean().item()
+    t2i = ((txt @ img.T).argmax(1) == torch.arange(n)).float().mean().item()
+    assert n >= 20 and i2t > 4 / n and t2i > 4 / n, (n, i2t, t2i)
+    metrics = (tmp / "metrics" / "train.json").read_text()
+    assert '"final_contrastive_loss"' in metrics and '"samples_per_s"' in metrics
+
+
+def test_mlflow_run_has_params_step_metrics_artifacts_and_run_id_file(trained):
+    from mlflow.tracking import MlflowClient
+    out, uri, tmp = trained
+    run_id = (out / RUN_ID_FILE).read_text().strip()
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "campe-test" and exp.artifact_location == (tmp / "artifacts" / "campe-test").as_uri()
+    p = run.data.params
+    assert p["method"] == "vanilla" and p["train.lr"] == "0.002" and p["model.width"] == "64"
+    assert p["loss.kind"] == "softmax" and len(p["params_hash"]) == 12 and p["total_steps"] == "200"
+    history = client.get_metric_history(run_id, "contrastive_loss")
+    csv_rows = read_log(out / LOG_FILE)
+    assert sorted(m.step for m in history) == list(range(1, 201))
+    by_step = {m.step: m.value for m in history}
+    assert all(by_step[int(r["step"])] == pytest.approx(r["contrastive_loss"], rel=1e-6) for r in csv_rows)
+    for key in ("lr", "loss", "grad_norm", "logit_scale", "samples_per_s"):
+        assert len(client.get_metric_history(run_id, key)) == 200, key
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"train_config.json", "model_config.json", FINAL, "loss_curve.png", LOG_FILE} <= artifacts
+    local = Path(client.download_artifacts(run_id, "loss_curve.png", str(tmp / "dl")))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+def _ckpt(out: Path) -> dict:
+    return torch.load(out / CKPT, map_location="cpu", weights_only=True)
+
+
+def test_killed_run_resumes_bit_for_bit(tiny_lm, tmp_path):
+    """12 steps in one go == killed at step 8 (checkpoint at 5) + --resume; dropout is on, so RNG matters too."""
+    def cfg(out, **kw):
+        return _cfg(out, "multi_prompt_div_neg", tiny_lm, steps=12, ckpt_every=5, log_every=2, **kw)
+
+    data = _pairs(40)  # 5 batches per epoch: the run crosses epochs, the kill falls in the second one
+    full = tmp_path / "full"
+    train(cfg(full), source=data)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed = tmp_path / "killed"
+    # tracking is a runtime field: it does not change the numbers, and the resumed run logs into the same run
+    c = cfg(killed, tracking_uri=uri, artifact_root=str(tmp_path / "art"))
+    stopped = train(c, source=data, stop_at=8, checkpoint_at_stop=False)
+    assert stopped["stopped"] and _ckpt(killed)["step"] == 5
+    assert int(read_log(killed / LOG_FILE)[-1]["step"]) == 8  # logged past the checkpoint before the "kill"
+    run_id = (killed / RUN_ID_FILE).read_text().strip()
+    train(c, source=data, resume=True)
+
+    a, b = _ckpt(full), _ckpt(killed)
+    assert a["step"] == b["step"] == 12 and a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["scheduler"] == b["scheduler"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+    assert strip(read_log(full / LOG_FILE)) == strip(read_log(killed / LOG_FILE))  # same losses, step by step
+    assert (killed / RUN_ID_FILE).read_text().strip() == run_id
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "loss")
+    assert {m.step for m in history} == set(range(1, 13))  # steps 6-8 twice: the killed run logged them too
+    # A different config refuses to resume from this checkpoint.
+    with pytest.raises(ValueError, match="written by another config"):
+        train(_cfg(killed, "multi_prompt_div_neg", tiny_lm, steps=12, ckpt_every=5, lr=5e-4), source=data,
+              resume=True)
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, cfg, data) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    train(cfg, source=data)
+
+
+def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path):
+    data = _pairs(32)
+    cfgs = {name: _cfg(tmp_path / name, "vanilla", steps=3, batch_size=16, log_every=1) for name in ("one", "two")}
+    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), cfgs["two"], data), nprocs=2, join=False,
+                             start_method="spawn")
+    train(cfgs["one"], source=data)  # meanwhile, one process on the whole batch
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail("two gloo ranks did not finish within 120 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    one, two = _ckpt(tmp_path / "one"), _ckpt(tmp_path / "two")
+    assert two["world_size"] == 2 and len(two["rng"]) == 2
+    for k, v in one["model"].items():
+        assert torch.allclose(two["model"][k], v, atol=1e-5, rtol=1e-4), k
+    changed = [k for k, v in one["model"].items() if not torch.equal(v, _initial_state()[k])]
+    assert len(changed) > 10  # the comparison is not between untouched weights
+    log1, log2 = read_log(tmp_path / "one" / LOG_FILE), read_log(tmp_path / "two" / LOG_FILE)
+    for r1, r2 in zip(log1, log2):  # the logged loss is the mean over ranks = the full-batch loss
+        assert r2["contrastive_loss"] == pytest.approx(r1["contrastive_loss"], rel=1e-4)
+
+
+def _initial_state() -> dict:
+    model, _, _ = build_run_model(_cfg(Path("unused")))
+    return model.state_dict()
