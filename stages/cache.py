@@ -1,0 +1,305 @@
+"""Stage `cache`: run the frozen layers of the text LM once over every caption; training then runs only the rest.
+
+    campe cache                                          # params.yaml sections `cache` and `text_encoder`
+    campe cache --shards data/shards/train --out data/cache/train --limit 500 --batch-size 32
+    campe cache --repair                                 # read every finished shard fully; redo those that fail
+    campe cache --on-mismatch rebuild                    # params changed since the cache was made: start over
+    torchrun --nproc-per-node 4 --no-python campe cache  # each rank caches its share of the shards
+
+For each finished image shard `<shards>/pass-NN/NNNNN.tar` it writes `<out>/pass-NN/NNNNN.parquet`: per caption the
+hidden states entering the first trainable layer (all but the last `text_encoder.trainable_layers` layers, APT
+placeholders not yet replaced, negated prompts included when `text_encoder.negation` is on) in float16/bfloat16,
+plus the token layout. `<out>/manifest.json` records what the cache depends on; training refuses a cache whose
+manifest does not match its `text_encoder` params (see campe/cache.py).
+
+Resumable and atomic: a shard is written to a hidden temp name, fsynced and renamed, so a killed run leaves no
+shard that a later run or training would read; a re-run skips finished shards, redoes ones whose footer is
+unreadable or whose image shard changed, and removes temp files left by a killed run. `--repair` also reads every
+finished shard in full (page checksums, every row) and redoes the ones that fail. Out of disk mid-shard: the temp
+file is removed and the error says so. Captions are batched by token length within windows of 16 batches (less
+padding); rows are stored in the tar's order. `--limit N` caches only the first N captions (in shard order).
+
+Parallelism: under torchrun (RANK / WORLD_SIZE / LOCAL_WORLD_SIZE in the environment) rank r takes shards
+r, r+W, r+2W, ... with no communication; torch threads = `threads`, or the cores this process may use divided by
+the local ranks. Device `auto`: cuda:LOCAL_RANK when there is a GPU, else the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from campe.cache import (
+    CACHE_DTYPES, MANIFEST, MANIFEST_COMPARED, CacheCorruptError, CacheError, CacheMismatchError, LayoutMaker,
+    ShardWriter, _image_bytes, _shard_samples, cache_manifest, cache_shard_path, is_disk_full, iter_tar_samples,
+    manifest_differences, remove_stale_temps, shard_meta, verify_cache_shard)
+from campe.config import load_params
+from campe.io import atomic_write_json
+from campe.multiprompt import MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
+from campe.shards import shard_paths
+
+MISMATCH = ("error", "rebuild")
+DEVICES = ("auto", "cpu", "cuda")
+BUCKET_BATCHES = 16  # length bucketing sorts windows of this many batches (bounded memory, rows kept in tar order)
+
+
+@dataclass
+class CacheParams:
+    """params.yaml section `cache` (the text model itself: section `text_encoder`, shared with training)."""
+    shards_dir: str = "data/shards/train"  # the download stage's output
+    output_dir: str = "data/cache/train"
+    dtype: str = "float16"  # float16 | bfloat16: storage of the hidden states
+    batch_size: int = 64  # captions per forward pass
+    length_bucketing: bool = True  # sort captions by token length within windows of 16 batches (less padding)
+    limit: int = 0  # cache only the first N captions (0: all); for quick runs
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch threads; 0: the cores this process may use / local ranks
+
+    def validate(self) -> None:
+        if self.dtype not in CACHE_DTYPES:
+            raise ValueError(f"dtype '{self.dtype}' is not one of: {', '.join(CACHE_DTYPES)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.limit < 0:
+            raise ValueError(f"limit must be >= 0 (0: all captions), got {self.limit}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device '{self.device}' is not one of: {', '.join(DEVICES)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: all cores given), got {self.threads}")
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else default
+
+
+def _threads(requested: int) -> int:
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, _env_int("LOCAL_WORLD_SIZE", 1)))
+
+
+def _device(name: str) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CacheError("cache.device is 'cuda' but torch sees no GPU; use device: auto or cpu")
+    return torch.device("cuda", _env_int("LOCAL_RANK", 0))
+
+
+def _progress(total: int, initial: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="captions", dynamic_ncols=True,
+                disable=total == 0 or os.environ.get("CAMPE_NO_PROGRESS") == "1")
+
+
+def _budgets(shards: list[str], limit: int) -> list[int | None]:
+    """Captions to cache per shard: None = all; with a limit, the first `limit` captions in shard order."""
+    if not limit:
+        return [None] * len(shards)
+    out, left = [], limit
+    for s in shards:
+        n = min(_shard_samples(s), left)
+        out.append(n)
+        left -= n
+    return out
+
+
+def _shard_state(path: Path, tar: str, budget: int | None, repair: bool) -> tuple[str, str]:
+    """('done' | 'todo', why) for a cache shard: done if complete (or holding its budget) and from this tar."""
+    if not path.exists():
+        return "todo", "new"
+    try:
+        meta = verify_cache_shard(path) if repair else shard_meta(path)
+    except CacheCorruptError as e:
+        return "todo", f"unreadable, redoing it: {e}"
+    if meta.get("source_bytes") != os.path.getsize(tar):
+        return "todo", f"{tar} changed since it was cached, redoing it"
+    if meta.get("complete") or (budget is not None and meta.get("rows", 0) >= budget):
+        return "done", ""
+    return "todo", "cut short by an earlier --limit run, completing it"
+
+
+@torch.no_grad()
+def _encode_window(encoder: MultiPromptTextEncoder, maker: LayoutMaker, window: list[tuple[str, str]],
+                   p: CacheParams, device: torch.device, writer: ShardWriter, bar) -> None:
+    """Frozen states of a window of captions, batched by length, written in the window's (tar) order."""
+    keys, captions = [k for k, _ in window], [c for _, c in window]
+    layout = maker(captions)  # tokenized once; batches are row subsets of it
+    lengths = layout.lengths
+    order = torch.argsort(lengths, descending=True, stable=True) if p.length_bucketing else torch.arange(len(keys))
+    rows: list[torch.Tensor | None] = [None] * len(keys)
+    dtype = CACHE_DTYPES[p.dtype]
+    for chunk in order.split(p.batch_size):
+        sub = layout.select(chunk).to(device)  # trimmed to its longest row
+        h = encoder.frozen_hidden(sub).to(dtype).cpu()
+        for j, r in enumerate(chunk.tolist()):
+            rows[r] = h[j, :int(lengths[r])]
+        bar.update(len(chunk))
+    writer.write(keys, captions, rows, layout)
+
+
+def _cache_shard(encoder: MultiPromptTextEncoder, maker: LayoutMaker, tar: str, path: Path, budget: int | None,
+                 p: CacheParams, device: torch.device, bar) -> int:
+    """Write one cache shard (atomically); returns its rows."""
+    window_size = p.batch_size * BUCKET_BATCHES if p.length_bucketing else p.batch_size
+    meta = {"source": os.path.relpath(tar, p.shards_dir), "source_bytes": os.path.getsize(tar)}
+    n, skipped, complete = 0, 0, True
+    with ShardWriter(path, p.dtype, encoder.lm.config.hidden_size, meta) as w:
+        window: list[tuple[str, str]] = []
+        for key, parts in iter_tar_samples(tar):
+            txt, img = parts.get("txt"), _image_bytes(parts)
+            if txt is None or img is None:
+                skipped += 1  # training skips these samples as well
+                continue
+            if budget is not None and n >= budget:
+                complete = False  # more captions follow: a later run without --limit completes the shard
+                break
+            window.append((key, txt.decode("utf-8")))
+            n += 1
+            if len(window) == window_size:
+                _encode_window(encoder, maker, window, p, device, w, bar)
+                window = []
+        if window:
+            _encode_window(encoder, maker, window, p, device, w, bar)
+        w.meta.update(complete=complete, skipped_no_caption=skipped)
+    return n
+
+
+def cache_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, repair: bool = False, overwrite: bool = False,
+                on_mismatch: str = "error", rank: int | None = None, world_size: int | None = None,
+                encoder: MultiPromptTextEncoder | None = None) -> dict[str, Any]:
+    """Cache (or resume caching) this rank's shards; returns a summary. `encoder`: use this one instead of
+    building it from `text_encoder` (tests pass tiny models)."""
+    p.validate()
+    if on_mismatch not in MISMATCH:
+        raise ValueError(f"on_mismatch must be one of {MISMATCH}, got {on_mismatch!r}")
+    rank = _env_int("RANK", 0) if rank is None else rank
+    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    threads = _threads(p.threads)
+    torch.set_num_threads(threads)
+    out = Path(p.output_dir)
+    shards = shard_paths(p.shards_dir)
+    if not shards:
+        raise CacheError(f"{p.shards_dir}: no finished image shards (pass-NN/NNNNN.tar with _stats.json); run "
+                         f"`campe download` first or set cache.shards_dir")
+    device = _device(p.device)
+    if encoder is None:
+        encoder = build_text_encoder(text_encoder)
+    encoder = encoder.to(device).eval()
+    manifest = {**cache_manifest(encoder, p.dtype), "limit": p.limit, "shards_dir": str(p.shards_dir)}
+
+    if (overwrite or on_mismatch == "rebuild") and world_size > 1 and (out / MANIFEST).exists():
+        found = json.loads((out / MANIFEST).read_text())
+        if overwrite or manifest_differences(found, manifest, MANIFEST_COMPARED + ("dtype",)):
+            raise CacheError("--overwrite / --on-mismatch rebuild delete the cache: run that once with a single "
+                             "process, then launch the ranks")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if (out / MANIFEST).exists():
+        try:
+            found = json.loads((out / MANIFEST).read_text())
+        except ValueError:
+            found = {}
+        diff = manifest_differences(found, manifest, MANIFEST_COMPARED + ("dtype",))
+        if diff and on_mismatch == "rebuild":
+            print(f"campe cache: {out} was made with other settings ({'; '.join(diff)}); rebuilding it",
+                  file=sys.stderr)
+            shutil.rmtree(out)
+        elif diff:
+            raise CacheMismatchError(
+                f"{out} holds a cache made with other settings: {'; '.join(diff)}. Re-run with --on-mismatch "
+                f"rebuild (or --overwrite) to replace it, or choose another --out")
+    elif out.exists() and any(out.glob("pass-*/*.parquet")):
+        raise CacheError(f"{out} has cache shards but no {MANIFEST}: it was not written by this stage; remove it "
+                         f"or re-run with --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / MANIFEST, manifest)  # every rank writes the same content (atomic rename)
+
+    budgets = _budgets(shards, p.limit)
+    mine = [i for i in range(rank, len(shards), world_size) if budgets[i] is None or budgets[i] > 0]
+    states = {}
+    for i in mine:
+        path = cache_shard_path(shards[i], p.shards_dir, out)
+        remove_stale_temps(path)  # left by a killed run (only this rank touches its shards)
+        states[i] = _shard_state(path, shards[i], budgets[i], repair)
+    todo = [i for i in mine if states[i][0] == "todo"]
+    expected = lambda i: budgets[i] if budgets[i] is not None else _shard_samples(shards[i])  # noqa: E731
+    total = sum(expected(i) for i in mine)
+    done_captions = sum(expected(i) for i in mine if i not in todo)
+    maker = LayoutMaker(encoder)
+    t0, written, nbytes, redone = time.perf_counter(), 0, 0, []
+    bar = _progress(total, done_captions, f"campe cache [{rank}/{world_size}]" if world_size > 1 else "campe cache")
+    try:
+        for i in todo:
+            path = cache_shard_path(shards[i], p.shards_dir, out)
+            why = states[i][1]
+            if why != "new":
+                print(f"campe cache: {path}: {why}", file=sys.stderr)
+                redone.append(str(path))
+            try:
+                written += _cache_shard(encoder, maker, shards[i], path, budgets[i], p, device, bar)
+            except OSError as e:
+                if is_disk_full(e):
+                    kept = len(list(out.glob("pass-*/*.parquet")))
+                    raise CacheError(
+                        f"out of disk space writing cache shard {path} ({e}); no partial shard was left behind. "
+                        f"Free space under {out} and re-run `campe cache`: the {kept} finished shards are kept"
+                    ) from None
+                raise
+            nbytes += path.stat().st_size
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    return {"shards": len(shards), "rank": rank, "world_size": world_size, "shards_this_rank": len(mine),
+            "shards_written": len(todo), "shards_skipped": len(mine) - len(todo), "shards_redone": redone,
+            "captions_written": written, "seconds": round(seconds, 2),
+            "captions_per_s": round(written / seconds, 1) if written and seconds > 0 else 0.0,
+            "bytes_written": nbytes, "bytes_per_caption": round(nbytes / written, 1) if written else 0.0,
+            "threads": threads, "device": str(device), "output_dir": str(out)}
+
+
+run_stage = cache_stage  # what a Prefect task calls: run_stage(load_params(..., "cache", CacheParams), cfg)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--params", default="params.yaml", help="params file (sections `cache` and `text_encoder`)")
+    ap.add_argument("--shards", help="override cache.shards_dir (the download stage's output)")
+    ap.add_argument("--out", help="override cache.output_dir")
+    ap.add_argument("--limit", type=int, help="override cache.limit: cache only the first N captions")
+    ap.add_argument("--batch-size", type=int, help="override cache.batch_size")
+    ap.add_argument("--dtype", choices=tuple(CACHE_DTYPES), help="override cache.dtype")
+    ap.add_argument("--device", choices=DEVICES, help="override cache.device")
+    ap.add_argument("--threads", type=int, help="override cache.threads")
+    ap.add_argument("--repair", action="store_true",
+                    help="read every finished shard in full and redo the ones that fail (truncated / corrupt)")
+    ap.add_argument("--overwrite", action="store_true", help="delete the output folder first and cache everything")
+    ap.add_argument("--on-mismatch", choices=MISMATCH, default="error",
+                    help="when the existing cache was made with other text_encoder params: error (default) or "
+                         "rebuild it")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in {"shards_dir": args.shards, "output_dir": args.out, "limit": args.limit,
+                                   "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
+                                   "threads": args.threads}.items() if v is not None}
+    p = load_params(args.params, "cache", CacheParams, overrides)
+    enc = load_params(args.params, "text_encoder", MultiPromptConfig)
+    try:
+        summary = cache_stage(p, enc, repair=args.repair, overwrite=args.overwrite, on_mismatch=args.on_mismatch)
+    except CacheError as e:
+        print(f"campe cache: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: summary[k] for k in ("shards", "rank", "shards_written", "shards_skipped",
+                                              "captions_written", "captions_per_s", "bytes_per_caption")}))
+    return 0
