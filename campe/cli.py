@@ -3,6 +3,7 @@
     campe generate            # make the embedded default benchmark (images, videos, URL list)
     campe download            # img2dataset -> webdataset shards, stats roll-up
     campe download --retry-failed
+    campe cache               # frozen-LM hidden states of every caption -> Parquet shards + manifest
     campe flow run | show | serve
     campe prompts "a red circle on a blue background"
 
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("stages.generate", "generate the embedded default benchmark (images, videos, annotations)"),
     "download": ("stages.download", "download a URL list with img2dataset into webdataset shards"),
     "flow": ("pipelines.campe_flow", "run, show or serve the Prefect flow (scheduled deployment from params.yaml)"),
+    "cache": ("stages.cache", "precompute the frozen text-LM hidden states of every caption (resumable, sharded)"),
     "prompts": ("campe.prompts_debug", "show the multi-prompt token layout and attention mask of a caption"),
 }
 

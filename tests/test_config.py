@@ -12,11 +12,14 @@ import yaml
 from campe import cli
 from campe.config import ConfigError, from_dict, load_params, read_yaml
 from campe.synth import SynthParams
+from campe.multiprompt import MultiPromptConfig
 from pipelines.campe_flow import FlowParams
+from stages.cache import CacheParams
 from stages.download import DownloadParams
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"generate": SynthParams, "download": DownloadParams, "flow": FlowParams}
+SECTIONS = {"generate": SynthParams, "download": DownloadParams, "flow": FlowParams,
+            "text_encoder": MultiPromptConfig, "cache": CacheParams}
 
 
 def test_shipped_params_load_into_their_dataclasses():
