@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/overrides.txt
 
 # The venv's bin first, so dvc's stage commands (`campe ...`) resolve.
 repro: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

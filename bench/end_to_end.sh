@@ -13,13 +13,14 @@ trap 'rm -rf "$tmp"' EXIT
 git clone -q "$src" "$tmp/repo"
 [ -d "$src/../shared" ] && ln -s "$(realpath "$src/../shared")" "$tmp/shared"
 cd "$tmp/repo"
+make_args=()
 if [ "${FRESH_VENV:-0}" != "1" ]; then
-  # Same interpreter and packages, without re-resolving them: the measurement is the pipeline.
-  ln -s "$src/.venv" .venv
-  # That venv's editable install points at $src; put this clone's code first on the path.
+  # Use this checkout's venv as it is (-o: never re-run its set-up, which would re-point its editable install at
+  # this temporary clone); the measurement is the pipeline. This clone's code goes first on the path.
+  make_args=(VENV="$src/.venv" -o "$src/.venv/.campe-installed")
   export PYTHONPATH="$tmp/repo"
 fi
-/usr/bin/time -v -o "$tmp/time.txt" make repro > "$tmp/repro.log" 2>&1 || { tail -30 "$tmp/repro.log"; exit 1; }
+/usr/bin/time -v -o "$tmp/time.txt" make "${make_args[@]}" repro > "$tmp/repro.log" 2>&1 || { tail -30 "$tmp/repro.log"; exit 1; }
 wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$tmp/time.txt")
 rss_kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$tmp/time.txt")
 python3 - "$wall" "$rss_kb" <<'PY'
