@@ -65,7 +65,10 @@ PRECISIONS = ("fp32", "bf16")
 _NO_AUX = {"lambda_div": 0.0, "lambda_neg": 0.0}
 
 # The paper's method and its baselines, as overrides of the text_encoder / model / loss sections.
-#   text_encoder None: the vanilla CLIP text transformer trained from scratch (campe.model), no LM.
+#   text_encoder None: the vanilla CLIP text transformer trained from scratch (campe.model), no LM. Otherwise the
+#     fields the method sets; training from a cache, a text_encoder section that states one of them must state the
+#     same value (the cache stage reads that section as written, so cache and training agree).
+#   loss: weights forced to 0 for the terms the method leaves out.
 #   needs: loss weights that must be > 0 in the loss section (the method is that term).
 METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"text_encoder": None, "model": {"text_encoder": "vanilla"}, "loss": _NO_AUX},
@@ -195,6 +198,14 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
     model = from_dict(ModelConfig, model_fields, f"{where}:model")
     text = None
     if spec["text_encoder"] is not None:
+        for k, v in spec["text_encoder"].items():
+            # The cache stage builds its cache from this section as written: training from a cache, the section
+            # must say what the method trains (online, the method's value simply wins).
+            if tp.cache_dir and k in raw["text_encoder"] and raw["text_encoder"][k] != v:
+                raise ConfigError(f"{where}:text_encoder: {k} is {raw['text_encoder'][k]!r} but method "
+                                  f"'{tp.method}' trains with {k}: {json.dumps(v)}; set text_encoder.{k} to that "
+                                  f"(campe cache builds the cache from this section), or train online "
+                                  f"(train.cache_dir: '' / --cache none)")
         tfields = {**raw["text_encoder"], **spec["text_encoder"], "embed_dim": model.embed_dim}
         text = from_dict(MultiPromptConfig, tfields, f"{where}:text_encoder (method '{tp.method}')")
     else:
@@ -724,9 +735,9 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
                                                       "resume_hash": cfg.hash(runtime=False)})
         if tp.tracking_uri:
             tracker = Tracker(tp, run_id)
-            run_id = tracker.run_id
+            new_run, run_id = run_id is None, tracker.run_id
             (out / RUN_ID_FILE).write_text(run_id + "\n")
-            if step == 0:
+            if new_run:
                 tracker.log_params({**flatten_config(config_dict), "params_hash": cfg.hash(),
                                     "world_size": info.world_size, "total_steps": total,
                                     "trainable_parameters": sum(p.numel() for p in model.parameters()

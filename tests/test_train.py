@@ -90,6 +90,10 @@ def test_method_table_resolves_to_the_baselines():
     # The contrastive switch is loss.kind; the model's temperature/bias follow it.
     cfg = resolve_run_config({"loss": {"kind": "sigmoid"}, "train": {"method": "vanilla"}})
     assert cfg.model.contrastive == "sigmoid"
+    # Online the method's text-encoder fields win over the section; from a cache they must agree (next test).
+    cfg = resolve_run_config({"text_encoder": {"pooling": "multi_prompt"}, "train": {"method": "mean",
+                                                                                     "cache_dir": ""}})
+    assert cfg.text_encoder.pooling == "mean"
 
 
 @pytest.mark.parametrize("sections, message", [
@@ -105,6 +109,9 @@ def test_method_table_resolves_to_the_baselines():
     ({"text_encoder": {"k": 5}, "loss": {"lambda_div": 0.1, "lambda_neg": 0.1}},
      r"embed_dim \(384\) must be a positive multiple of the number of prompts \(5"),
     ({"train": {"steps": 0, "epochs": 0}}, r"set steps > 0 or epochs > 0"),
+    ({"text_encoder": {"negation": False}, "loss": {"lambda_div": 0.1, "lambda_neg": 0.1}},
+     r"params:text_encoder: negation is False but method 'multi_prompt_div_neg' trains with negation: true; set "
+     r"text_encoder.negation"),
 ])
 def test_bad_run_config_is_a_clear_error(sections, message):
     with pytest.raises(ConfigError, match=message):
@@ -250,6 +257,30 @@ def test_mlflow_run_has_params_step_metrics_artifacts_and_run_id_file(trained):
     assert {"train_config.json", "model_config.json", FINAL, "loss_curve.png", LOG_FILE} <= artifacts
     local = Path(client.download_artifacts(run_id, "loss_curve.png", str(tmp / "dl")))
     assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_from_the_cache_matches_online_and_reloads_for_evaluation(shards, tiny_lm, tmp_path):
+    """source=None with an LM method reads the shards through campe.cache: cached float16 frozen states vs the frozen
+    layers run online give the same losses up to float16 rounding; the saved model reloads with the plain tower."""
+    from stages.cache import CacheParams, cache_stage
+    runs = {}
+    for name, cache in (("cached", str(tmp_path / "cache")), ("online", "")):
+        cfg = _cfg(tmp_path / name, "multi_prompt_div_neg", tiny_lm, steps=4, log_every=1, shards_dir=str(shards),
+                   cache_dir=cache)
+        if cache:
+            cache_stage(CacheParams(shards_dir=str(shards), output_dir=cache, threads=1), cfg.text_encoder)
+        train(cfg)
+        runs[name] = read_log(tmp_path / name / LOG_FILE)
+    assert len(runs["cached"]) == len(runs["online"]) == 4
+    for a, b in zip(runs["cached"], runs["online"]):
+        for k in ("contrastive_loss", "negation_loss", "positive_cosine"):
+            assert a[k] == pytest.approx(b[k], rel=2e-3, abs=1e-4), k
+    model, cfg = load_trained_model(tmp_path / "cached")
+    state = torch.load(tmp_path / "cached" / FINAL, weights_only=True)["model"]
+    assert "text.encoder.apt" in state and torch.equal(model.text.apt, state["text.encoder.apt"])
+    with torch.no_grad():
+        emb = model.encode_text(["a red circle", "two blue squares"])
+    assert emb["text"].shape == (2, 64) and emb["negated"].shape == (2, 64)
 
 
 # ------------------------------------------------------------------------------------------------ resume
