@@ -5,6 +5,8 @@
     campe download --retry-failed
     campe cache               # frozen-LM hidden states of every caption -> Parquet shards + manifest
     campe flow run | show | serve
+    campe train               # the multi-prompt objective (or a baseline: --method) from the cache
+    campe evaluate            # retrieval R@1/5/10 both ways, zero-shot, pictures; logs into the training run
     campe prompts "a red circle on a blue background"
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args) -> int`; the module
@@ -24,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("stages.download", "download a URL list with img2dataset into webdataset shards"),
     "flow": ("pipelines.campe_flow", "run, show or serve the Prefect flow (scheduled deployment from params.yaml)"),
     "cache": ("stages.cache", "precompute the frozen text-LM hidden states of every caption (resumable, sharded)"),
+    "train": ("stages.train", "train CAMPE or a baseline from the cache or online (DDP under torchrun, MLflow)"),
+    "evaluate": ("stages.evaluate", "image/video retrieval, zero-shot classification and pictures for a checkpoint"),
     "prompts": ("campe.prompts_debug", "show the multi-prompt token layout and attention mask of a caption"),
 }
 

@@ -1,7 +1,8 @@
 """Stage `evaluate`: zero-shot image-text and video-text retrieval, zero-shot classification, pictures.
 
     campe evaluate                                             # params.yaml:evaluate, the trained checkpoint
-    campe evaluate --checkpoint path/to/ckpt --image-set flickr=/data/flickr30k/dataset_flickr30k.json
+    campe evaluate --checkpoint path/to/out_dir --image-set flickr=/data/flickr30k/dataset_flickr30k.json
+    campe evaluate --video-set msrvtt=/data/msrvtt --no-zero-shot
 
 For each image set (Karpathy-split JSON: Flickr30k, COCO, the generated set) and video set (MSR-VTT style folder),
 writes `<metrics_dir>/<name>.json` (dataset, split, caption policy, checkpoint, params hash, the metrics
@@ -16,6 +17,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from campe.retrieval import eval_record, retrieval_metrics, zero_shot_classify
 class EvaluateParams:
     """params.yaml section `evaluate`."""
 
-    checkpoint: str = "data/model"
+    checkpoint: str = "data/models/campe"  # a `campe train` out_dir (model.pt + train_config.json)
     image_sets: dict[str, str] = field(default_factory=lambda: {"generated": "data/generated/dataset_karpathy.json"})
     video_sets: dict[str, str] = field(default_factory=lambda: {"generated_msrvtt": "data/generated/msrvtt"})
     zero_shot_root: str = "data/generated"  # a generated set: shape and colour classes ("" = skip)
@@ -186,3 +189,87 @@ def evaluate_all(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict[str, 
     for name, r in results.items():
         atomic_write_json(Path(p.metrics_dir) / f"{name}.json", r["record"])
     return results
+
+
+# ------------------------------------------------------------------------------------------------ MLflow + CLI
+def log_to_training_run(p: EvaluateParams, tracking_uri: str, results: dict[str, dict[str, Any]]) -> str | None:
+    """Log every metric (as `eval/<set>/<metric>`), metrics JSON and picture into the training run whose id is in
+    the checkpoint's mlflow_run_id.txt. Returns that run id (None when there is no run to log into)."""
+    id_file = Path(p.checkpoint) / "mlflow_run_id.txt"
+    if not tracking_uri or not id_file.exists():
+        return None
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id = id_file.read_text().strip()
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"eval/{name}/{k}", float(v), now, 0)
+               for name, r in results.items() for k, v in r["record"]["metrics"].items()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    for name, r in results.items():
+        client.log_artifact(run_id, str(Path(p.metrics_dir) / f"{name}.json"), artifact_path="eval")
+        for f in r["files"]:
+            client.log_artifact(run_id, str(f), artifact_path="eval/plots")
+    return run_id
+
+
+def _named_paths(items: list[str] | None, flag: str) -> dict[str, str] | None:
+    if items is None:
+        return None
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} {item!r}: expected NAME=PATH, e.g. {flag} flickr30k=/data/dataset_flickr30k.json")
+        name, path = item.split("=", 1)
+        out[name] = path
+    return out
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--params", default="params.yaml", help="params file (section `evaluate`)")
+    ap.add_argument("--checkpoint", help="a `campe train` out_dir (overrides evaluate.checkpoint)")
+    ap.add_argument("--image-set", action="append", metavar="NAME=JSON",
+                    help="a Karpathy-split JSON to evaluate (repeatable; replaces evaluate.image_sets)")
+    ap.add_argument("--video-set", action="append", metavar="NAME=DIR",
+                    help="an MSR-VTT-style folder (repeatable; replaces evaluate.video_sets)")
+    ap.add_argument("--no-zero-shot", action="store_true", help="skip zero-shot classification")
+    ap.add_argument("--metrics-dir", help="overrides evaluate.metrics_dir")
+    ap.add_argument("--plots-dir", help="overrides evaluate.plots_dir")
+
+
+def run_stage(p: EvaluateParams, device: str = "cpu") -> dict[str, dict[str, Any]]:
+    from campe.train_loop import load_trained_model
+
+    model, cfg = load_trained_model(p.checkpoint, device=device)
+    # Both text towers take a list of captions (the multi-prompt one builds its prompt layout itself).
+    emb = Embedder(model, text_batch=lambda captions: captions, batch_size=p.batch_size, frames=p.video_frames,
+                   progress=os.environ.get("CAMPE_NO_PROGRESS") != "1")
+    with tempfile.TemporaryDirectory(prefix="campe-eval-") as work:
+        results = evaluate_all(p, emb, Path(work))
+    log_to_training_run(p, cfg.train.tracking_uri, results)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    for key, value in (("checkpoint", args.checkpoint), ("metrics_dir", args.metrics_dir),
+                       ("plots_dir", args.plots_dir), ("image_sets", _named_paths(args.image_set, "--image-set")),
+                       ("video_sets", _named_paths(args.video_set, "--video-set"))):
+        if value is not None:
+            overrides[key] = value
+    if args.image_set is not None and args.video_set is None:
+        overrides["video_sets"] = {}  # naming image sets on the command line means: only those
+    if args.video_set is not None and args.image_set is None:
+        overrides["image_sets"] = {}
+    if args.no_zero_shot:
+        overrides["zero_shot_root"] = ""
+    p = load_params(args.params, "evaluate", EvaluateParams, overrides)
+    results = run_stage(p)
+    summary = {name: {k: round(v, 2) for k, v in r["record"]["metrics"].items() if "R@1" in k or "top1" in k}
+               for name, r in results.items()}
+    print(json.dumps(summary))
+    return 0
