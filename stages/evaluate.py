@@ -86,6 +86,9 @@ def _metrics(p: EvaluateParams, img: torch.Tensor, txt: torch.Tensor, txt_to_img
         if k_segments is None:
             raise ValueError("evaluate.aspect_weights is set but the model's text tower gives no prompt segments "
                              "(only multi-prompt/defo towers do); set aspect_weights: []")
+        if len(p.aspect_weights) != k_segments:
+            raise ValueError(f"evaluate.aspect_weights has {len(p.aspect_weights)} weights but the checkpoint "
+                             f"{p.checkpoint} has K={k_segments} prompt segments: give one weight per prompt")
         w = retrieval_metrics(img, txt, torch.as_tensor(txt_to_img), weights=p.aspect_weights,
                               k_segments=k_segments, **kw)
         out.update({f"reweighted_{k}": v for k, v in w.items()})
@@ -192,8 +195,12 @@ def evaluate_all(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ MLflow + CLI
+def mlflow_metric_name(dataset: str, metric: str) -> str:
+    return f"eval/{dataset}/{metric.replace('@', '_at_')}"
+
+
 def log_to_training_run(p: EvaluateParams, tracking_uri: str, results: dict[str, dict[str, Any]]) -> str | None:
-    """Log every metric (as `eval/<set>/<metric>`), metrics JSON and picture into the training run whose id is in
+    """Log every metric (as `eval/<set>/<metric>`, see mlflow_metric_name), metrics JSON and picture into the training run whose id is in
     the checkpoint's mlflow_run_id.txt. Returns that run id (None when there is no run to log into)."""
     id_file = Path(p.checkpoint) / "mlflow_run_id.txt"
     if not tracking_uri or not id_file.exists():
@@ -206,7 +213,8 @@ def log_to_training_run(p: EvaluateParams, tracking_uri: str, results: dict[str,
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = id_file.read_text().strip()
     now = int(time.time() * 1000)
-    metrics = [Metric(f"eval/{name}/{k}", float(v), now, 0)
+    # MLflow refuses '@' in metric names: i2t_R@1 is logged as eval/<set>/i2t_R_at_1.
+    metrics = [Metric(mlflow_metric_name(name, k), float(v), now, 0)
                for name, r in results.items() for k, v in r["record"]["metrics"].items()]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000])

@@ -77,6 +77,9 @@ def test_aspect_weights_all_ones_equal_plain_and_need_segments(tiny_generated, v
     assert any(f.name == "gen_aspect_maps.png" for f in res["files"])
     with pytest.raises(ValueError, match="aspect_weights is set but the model's text tower gives no prompt segments"):
         evaluate_image_set(p, vanilla[1], "gen", str(root / "dataset_karpathy.json"))
+    p = _params(root, tmp_path, aspect_weights=[1.0] * 3, video_sets={}, zero_shot_root="")
+    with pytest.raises(ValueError, match="has 3 weights but the checkpoint untrained has K=4 prompt segments"):
+        evaluate_image_set(p, emb, "gen", str(root / "dataset_karpathy.json"))
 
 
 def test_missing_images_error_or_skip_and_count(tiny_generated, vanilla, tmp_path):
@@ -90,3 +93,51 @@ def test_missing_images_error_or_skip_and_count(tiny_generated, vanilla, tmp_pat
     p = _params(copy, tmp_path, video_sets={}, zero_shot_root="", on_missing="skip")
     rec = evaluate_all(p, vanilla[1], tmp_path)["gen"]["record"]
     assert (rec["images"], rec["skipped"]) == (5, 1)
+
+
+def test_campe_evaluate_on_a_trained_checkpoint_logs_into_its_mlflow_run(tiny_generated, tmp_path):
+    """Train a tiny vanilla model for a few steps (real MLflow SQLite store), then `campe evaluate` its out_dir."""
+    import argparse
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from campe.train_loop import MemoryPairs, resolve_run_config, train
+    from stages import evaluate as stage
+    from tests.test_train import TINY_MODEL
+
+    _, root = tiny_generated
+    ds = load_karpathy(root / "dataset_karpathy.json", split="train", max_captions=1)
+    pairs = MemoryPairs(load_images(ds.image_paths, 32), ds.captions)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    cfg = resolve_run_config({"model": dict(TINY_MODEL), "loss": {"kind": "softmax"},
+                              "train": {"method": "vanilla", "out_dir": str(out), "steps": 3, "batch_size": 8,
+                                        "warmup_steps": 1, "progress": False, "metrics_file": "",
+                                        "tracking_uri": uri, "artifact_root": str(tmp_path / "art")}})
+    train(cfg, source=pairs)
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {"video_frames": 4, "examples": 2}}))
+    ap = argparse.ArgumentParser()
+    stage.add_arguments(ap)
+    args = ap.parse_args(["--params", str(params), "--checkpoint", str(out),
+                          "--image-set", f"gen={root / 'dataset_karpathy.json'}", "--no-zero-shot",
+                          "--metrics-dir", str(tmp_path / "metrics"), "--plots-dir", str(tmp_path / "plots")])
+    assert stage.run(args) == 0
+    rec = json.loads((tmp_path / "metrics" / "gen.json").read_text())
+    assert rec["checkpoint"] == str(out) and set(rec) >= {"dataset", "split", "caption_policy", "params_hash"}
+
+    client = MlflowClient(tracking_uri=uri)
+    run_id = (out / "mlflow_run_id.txt").read_text().strip()
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval/gen/i2t_R_at_1"] == pytest.approx(rec["metrics"]["i2t_R@1"])
+    assert logged["eval/gen/t2i_R_at_10"] == pytest.approx(rec["metrics"]["t2i_R@10"])
+    assert logged["eval/gen/t2i_median_rank"] == pytest.approx(rec["metrics"]["t2i_median_rank"])
+    names = {a.path for a in client.list_artifacts(run_id, "eval")} | {
+        a.path for a in client.list_artifacts(run_id, "eval/plots")}
+    assert {"eval/gen.json", "eval/plots/gen_recall.png", "eval/plots/gen_examples.png"} <= names
+
+    # A checkpoint folder that is not a finished training run: a clear error naming it.
+    with pytest.raises(FileNotFoundError, match=r"model.pt: not found.*campe train"):
+        stage.run_stage(stage.EvaluateParams(checkpoint=str(tmp_path / "nope")))
