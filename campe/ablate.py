@@ -1,0 +1,422 @@
+"""`campe ablate`: the ablation table in one command (methods x contrastive kinds x seeds, mean +- std).
+
+    campe ablate                                    # params.yaml: section `ablate` + the stage sections
+    campe ablate --seeds 0 1 2 --epochs 1           # override the grid's schedule / seeds
+    campe ablate --methods vanilla multi_prompt     # a sub-grid
+    campe ablate --table-only                       # (re)write the table from the cells finished so far
+
+The grid: every method in `ablate.methods` with the contrastive kind `ablate.kinds[0]`, and the methods in
+`ablate.all_kinds_for` also with every other kind (the issue's "sigmoid vs softmax" on the full method), each over
+`ablate.seeds`. A cell is one (method, kind, seed):
+
+    1. the frozen-LM cache it needs (stages.cache.cache_stage), built once per distinct text-encoder layout under
+       <root>/caches/<pooling>[-neg]-<hash>: multi_prompt and multi_prompt_div share one (same layout); the
+       negation variant needs its own, because the train loop refuses a cache whose manifest `negation` differs
+       (campe.cache.MANIFEST_COMPARED); mean / last_token / single_prompt / defo one each; vanilla none.
+    2. training (campe.train_loop.train) into <root>/<name>/<method>-<kind>/seed<seed>, with train.seed,
+       model.init_seed and text_encoder.init_seed all = the seed (a seed changes the init, the data order and
+       dropout), the grid's steps/epochs, and nothing else changed: every method gets the same data, steps, lr,
+       batch and seeds (no per-method tuning). The MLflow run (made by the train loop, in `ablate.experiment`) is
+       named <name>/<method>-<kind>/seed<seed> and tagged ablation=<name>, ablation_cell, seed, loss_kind.
+    3. evaluation (stages.evaluate.run_stage) on the generated test split: the `evaluate` section's image sets,
+       video sets and zero-shot, as picked by `ablate.eval_sets`; metrics JSONs in the cell's eval/ folder, also
+       logged into the cell's MLflow run.
+    4. <cell>/cell.json (written last, atomically) marks the cell finished; after every cell the table is rewritten
+       from all finished cells: `ablate.table_md` (Markdown) and `ablate.table_csv` (long CSV: variant, method,
+       kind, dataset, metric, mean, std, n, seeds). std is the sample standard deviation (n - 1); empty for n = 1.
+
+Resumable: a finished cell (cell.json whose config hash matches) is skipped; a cell killed during training
+continues from its checkpoint (train(resume=True), exact on CPU); killed during evaluation, it re-evaluates; caches
+skip their finished shards. A finished cell whose config differs from the current params is an error (naming the
+cell): use another `ablate.name` or delete that folder; results of two configs are never mixed in one table.
+
+Why direct stage calls and not `dvc exp run --queue`: a queued DVC experiment runs the whole pipeline in its own
+temp copy of the workspace, so every experiment re-runs the cache stage for its layout (6 layouts, 27 cells: 27
+caches instead of 6), copies the shards per experiment, needs a clean git tree, and its results come back as git
+refs to be parsed from `dvc exp show`; a killed queue loses the running experiments. Calling the same stage
+functions in one process shares the caches by layout, resumes cell by cell and writes the table directly. The
+relation to DVC: the ablation reads the outputs of the DVC pipeline (`data/shards/train` from `download`,
+`data/generated` from `generate`, so run `dvc repro download` or `make repro` first) and uses the same params
+sections as the stages (the `ablate` section on top); each cell's train_config.json records the resolved config
+and its hash, like the train stage. It is deliberately not a stage of dvc.yaml: `dvc repro` must stay a
+10-minute laptop run, and the grid costs ~27x a training run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from campe.config import ConfigError, from_dict, read_yaml
+from campe.io import atomic_write_bytes, atomic_write_json
+
+ALL_METHODS = ["vanilla", "mean", "last_token", "single_prompt", "defo", "multi_prompt", "multi_prompt_div",
+               "multi_prompt_div_neg"]
+KINDS = ("softmax", "sigmoid")
+EVAL_SETS = ("image", "video", "zero_shot")
+SECTIONS = ("text_encoder", "model", "loss", "train", "cache", "evaluate")
+CELL_FILE = "cell.json"
+# Metrics shown in the Markdown table of a retrieval set (the CSV has every metric of the eval records).
+TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
+                 "v2t_R@1", "v2t_R@5", "v2t_R@10", "t2v_R@1", "t2v_R@5", "t2v_R@10", "rsum")
+
+
+@dataclass
+class AblateParams:
+    """params.yaml section `ablate`."""
+    name: str = "default"  # MLflow tag ablation=<name>; cells live in <root>/<name>
+    root: str = "data/ablation"  # cells under <root>/<name>/, caches (shared by all names) under <root>/caches/
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))  # rows, run with kinds[0]
+    kinds: list[str] = field(default_factory=lambda: ["softmax", "sigmoid"])  # loss.kind; the first is the default
+    all_kinds_for: list[str] = field(default_factory=lambda: ["multi_prompt_div_neg"])  # also run with kinds[1:]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 0  # optimizer steps of every cell; 0 = use epochs
+    epochs: int = 1  # epochs of every cell when steps is 0; 0 (with steps 0) = the train section's schedule
+    eval_sets: list[str] = field(default_factory=lambda: ["image", "video", "zero_shot"])  # of the evaluate section
+    experiment: str = "campe-ablation"  # MLflow experiment of the cells ("" = the train section's)
+    table_md: str = "metrics/ablation.md"
+    table_csv: str = "metrics/ablation.csv"
+
+    def validate(self) -> None:
+        for m in self.methods + self.all_kinds_for:
+            if m not in ALL_METHODS:
+                raise ValueError(f"method '{m}' is not one of: {', '.join(ALL_METHODS)}")
+        bad = [m for m in self.all_kinds_for if m not in self.methods]
+        if bad:
+            raise ValueError(f"all_kinds_for names {bad} which are not in methods {self.methods}")
+        if not self.methods:
+            raise ValueError("methods is empty: name at least one of " + ", ".join(ALL_METHODS))
+        if not self.kinds or any(k not in KINDS for k in self.kinds) or len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds {self.kinds} must be distinct values of: {', '.join(KINDS)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds {self.seeds} must be distinct integers >= 0")
+        if self.steps < 0 or self.epochs < 0:
+            raise ValueError(f"steps and epochs must be >= 0 (0 = not set), got {self.steps}, {self.epochs}")
+        if not self.eval_sets or any(s not in EVAL_SETS for s in self.eval_sets):
+            raise ValueError(f"eval_sets {self.eval_sets} must be values of: {', '.join(EVAL_SETS)}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name {self.name!r} must be a non-empty folder name")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    kind: str
+    seed: int
+
+    @property
+    def variant(self) -> str:
+        return f"{self.method}-{self.kind}"
+
+
+def grid(ap: AblateParams) -> list[Cell]:
+    """Seed-major order: a stopped ablation has every variant on its first seeds rather than all seeds of a few."""
+    variants = [(m, ap.kinds[0]) for m in ap.methods]
+    variants += [(m, k) for m in ap.methods if m in ap.all_kinds_for for k in ap.kinds[1:]]
+    return [Cell(m, k, s) for s in ap.seeds for m, k in variants]
+
+
+def variants_of(ap: AblateParams) -> list[str]:
+    seen: dict[str, None] = {}
+    for c in grid(ap):
+        seen.setdefault(c.variant)
+    return list(seen)
+
+
+# ------------------------------------------------------------------------------------------------ one cell
+
+def cell_dir(ap: AblateParams, cell: Cell) -> Path:
+    return Path(ap.root) / ap.name / cell.variant / f"seed{cell.seed}"
+
+
+def cell_sections(ap: AblateParams, base: dict[str, dict], cell: Cell) -> dict[str, dict]:
+    """The four training sections of a cell: the base params with only method, kind, seed and schedule changed."""
+    from campe.train_loop import METHODS
+    s = {k: dict(base.get(k) or {}) for k in ("text_encoder", "model", "loss", "train")}
+    te = METHODS[cell.method]["text_encoder"]
+    if te is not None:
+        s["text_encoder"].update(te)  # the cache is built from this section as written (train_loop checks it)
+    s["text_encoder"]["init_seed"] = cell.seed
+    s["model"]["init_seed"] = cell.seed
+    s["loss"]["kind"] = cell.kind
+    t = s["train"]
+    t.update(method=cell.method, seed=cell.seed, out_dir=str(cell_dir(ap, cell)), metrics_file="",
+             run_name=f"{ap.name}/{cell.variant}/seed{cell.seed}")
+    if ap.steps:
+        t.update(steps=ap.steps)
+    elif ap.epochs:
+        t.update(steps=0, epochs=ap.epochs)
+    if ap.experiment:
+        t["experiment"] = ap.experiment
+    return s
+
+
+def layout_key(text_encoder: Any) -> str:
+    """Folder name of the cache a text-encoder config needs: cells with the same frozen-state layout share it."""
+    d = dataclasses.asdict(text_encoder)
+    for k in ("embed_dim", "init_seed"):  # heads and APT init: not in the cached frozen states
+        d.pop(k)
+    h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{d['pooling']}{'-neg' if d['negation'] else ''}-{h}"
+
+
+def _eval_params(ap: AblateParams, base: dict[str, dict], out: Path, where: str):
+    from stages.evaluate import EvaluateParams
+    e = dict(base.get("evaluate") or {})
+    e.update(checkpoint=str(out), metrics_dir=str(out / "eval"), plots_dir=str(out / "plots"))
+    if "image" not in ap.eval_sets:
+        e["image_sets"] = {}
+    if "video" not in ap.eval_sets:
+        e["video_sets"] = {}
+    if "zero_shot" not in ap.eval_sets:
+        e["zero_shot_root"] = ""
+    p = from_dict(EvaluateParams, e, f"{where}:evaluate")
+    return p
+
+
+def _eval_device(train_device: str) -> str:
+    import torch
+    if train_device == "cuda" or (train_device == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, caches_done: set[str],
+             log: Callable[[str], None]) -> dict[str, Any]:
+    """Cache (if needed), train, evaluate one cell; returns its record (also written to <cell>/cell.json)."""
+    from campe.train_loop import FINAL, RUN_ID_FILE, resolve_run_config, train
+    from stages.evaluate import params_hash, run_stage
+
+    out = cell_dir(ap, cell)
+    cfg = resolve_run_config(cell_sections(ap, base, cell), where)
+    ep = _eval_params(ap, base, out, where)
+    config_hash = f"{cfg.hash(runtime=False)}-{params_hash(dataclasses.replace(ep, checkpoint=''))}"
+    record_path = out / CELL_FILE
+    if record_path.exists():
+        rec = json.loads(record_path.read_text())
+        if rec.get("config_hash") != config_hash:
+            raise ConfigError(f"{record_path}: this cell was finished with other params (hash {rec.get('config_hash')}"
+                              f", now {config_hash}); set another ablate.name or delete {out} to redo it")
+        rec["skipped"] = True
+        return rec
+
+    timings: dict[str, float] = {}
+    if cfg.text_encoder is not None and cfg.train.cache_dir:
+        from stages.cache import CacheParams, cache_stage
+        cache_out = Path(ap.root) / "caches" / layout_key(cfg.text_encoder)
+        cfg.train.cache_dir = str(cache_out)
+        if str(cache_out) not in caches_done:  # once per process: a re-run skips its finished shards anyway
+            t0 = time.perf_counter()
+            cp = from_dict(CacheParams, {**(base.get("cache") or {}), "shards_dir": cfg.train.shards_dir,
+                                         "output_dir": str(cache_out)}, f"{where}:cache")
+            summary = cache_stage(cp, cfg.text_encoder, on_mismatch="rebuild")
+            caches_done.add(str(cache_out))
+            timings["cache_s"] = round(time.perf_counter() - t0, 1)
+            log(f"  cache {cache_out.name}: {summary['shards_written']} shards written, "
+                f"{summary['shards_skipped']} reused ({timings['cache_s']} s)")
+
+    t0 = time.perf_counter()
+    trained = (out / FINAL).exists() and (out / "train_config.json").exists() and json.loads(
+        (out / "train_config.json").read_text()).get("resume_hash") == cfg.hash(runtime=False)
+    if not trained:  # resume=True: a cell killed mid-training continues from its last checkpoint
+        summary = train(cfg, resume=True)
+        timings["train_s"] = round(time.perf_counter() - t0, 1)
+        steps = summary["step"]
+    else:
+        steps = json.loads((out / "metrics.json").read_text())["steps"] if (out / "metrics.json").exists() else None
+    run_id = (out / RUN_ID_FILE).read_text().strip() if (out / RUN_ID_FILE).exists() else None
+    if run_id and cfg.train.tracking_uri:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=cfg.train.tracking_uri)
+        for k, v in {"ablation": ap.name, "ablation_cell": cell.variant, "seed": str(cell.seed),
+                     "loss_kind": cell.kind}.items():
+            client.set_tag(run_id, k, v)
+
+    t0 = time.perf_counter()
+    results = run_stage(ep, device=_eval_device(cfg.train.device))
+    timings["eval_s"] = round(time.perf_counter() - t0, 1)
+    rec = {"variant": cell.variant, "method": cell.method, "kind": cell.kind, "seed": cell.seed,
+           "config_hash": config_hash, "steps": steps, "mlflow_run_id": run_id, "timings": timings,
+           "metrics_files": {name: str(Path(ep.metrics_dir) / f"{name}.json") for name in results},
+           "metrics": {name: r["record"]["metrics"] for name, r in results.items()}}
+    atomic_write_json(record_path, rec)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+def finished_records(ap: AblateParams) -> list[dict[str, Any]]:
+    """cell.json of every finished cell of the grid (grid order)."""
+    out = []
+    for c in grid(ap):
+        p = cell_dir(ap, c) / CELL_FILE
+        if p.exists():
+            out.append(json.loads(p.read_text()))
+    return out
+
+
+def summarize(records: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+    """Per (variant, dataset, metric): mean, sample std (NaN for one seed), n and the seeds, over the records."""
+    rows = []
+    for v in variants:
+        recs = sorted((r for r in records if r["variant"] == v), key=lambda r: r["seed"])
+        if not recs:
+            continue
+        datasets: dict[str, list[str]] = {}
+        for r in recs:
+            for ds, m in r["metrics"].items():
+                names = datasets.setdefault(ds, [])
+                names.extend(k for k in m if k not in names)
+        for ds, names in datasets.items():
+            for metric in names:
+                pairs = [(r["seed"], float(r["metrics"][ds][metric])) for r in recs
+                         if metric in r["metrics"].get(ds, {})]
+                vals = [x for _, x in pairs]
+                rows.append({"variant": v, "method": recs[0]["method"], "kind": recs[0]["kind"], "dataset": ds,
+                             "metric": metric, "mean": statistics.fmean(vals),
+                             "std": statistics.stdev(vals) if len(vals) > 1 else math.nan, "n": len(vals),
+                             "seeds": [s for s, _ in pairs]})
+    return rows
+
+
+CSV_FIELDS = ("variant", "method", "kind", "dataset", "metric", "mean", "std", "n", "seeds")
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, "mean": repr(r["mean"]), "std": "" if math.isnan(r["std"]) else repr(r["std"]),
+                    "seeds": " ".join(map(str, r["seeds"]))})
+    return buf.getvalue()
+
+
+def _cell_text(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r['mean']:.2f}" if math.isnan(r["std"]) else f"{r['mean']:.2f} ± {r['std']:.2f}"
+
+
+def table_markdown(rows: list[dict[str, Any]], ap: AblateParams, cells_done: int, cells_total: int) -> str:
+    """One table per eval set: rows = variants, columns = metrics (mean ± std over seeds), n and seeds."""
+    lines = [f"# Ablation `{ap.name}`", "",
+             f"{cells_done} of {cells_total} cells finished. Every cell: same data, "
+             f"{'steps ' + str(ap.steps) if ap.steps else ('epochs ' + str(ap.epochs) if ap.epochs else 'the train section schedule')}"
+             f", lr, batch; seeds {ap.seeds} (train.seed = model.init_seed = text_encoder.init_seed). "
+             f"Values: mean ± sample std over seeds (n - 1), in % for recalls. "
+             f"Generated by `campe ablate` (campe/ablate.py).", ""]
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    for ds in datasets:
+        sub = [r for r in rows if r["dataset"] == ds]
+        names = list(dict.fromkeys(r["metric"] for r in sub))
+        shown = [m for m in TABLE_METRICS if m in names] or [m for m in names if "rank" not in m]
+        lines += [f"## {ds}", "", "| method | loss | " + " | ".join(shown) + " | n | seeds |",
+                  "|---|---|" + "---:|" * len(shown) + "---:|---|"]
+        for v in dict.fromkeys(r["variant"] for r in sub):
+            by = {r["metric"]: r for r in sub if r["variant"] == v}
+            any_r = next(iter(by.values()))
+            n = max(r["n"] for r in by.values())
+            seeds = max((r["seeds"] for r in by.values()), key=len)
+            lines.append(f"| {any_r['method']} | {any_r['kind']} | "
+                         + " | ".join(_cell_text(by.get(m)) for m in shown)
+                         + f" | {n} | {' '.join(map(str, seeds))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_tables(ap: AblateParams) -> list[dict[str, Any]]:
+    records = finished_records(ap)
+    rows = summarize(records, variants_of(ap))
+    atomic_write_bytes(ap.table_csv, table_csv(rows).encode())
+    atomic_write_bytes(ap.table_md, table_markdown(rows, ap, len(records), len(grid(ap))).encode())
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def run_ablation(ap: AblateParams, base: dict[str, dict], where: str = "params",
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the grid with the base stage sections `base` (text_encoder, model, loss, train, cache,
+    evaluate); rewrite the tables after each cell. Returns {"cells", "ran", "skipped", "rows", "seconds"}."""
+    ap.validate()
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    unknown = set(base) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)} for the ablation; expected {SECTIONS}")
+    cells = grid(ap)
+    caches_done: set[str] = set()
+    ran = skipped = 0
+    t_all = time.perf_counter()
+    for i, cell in enumerate(cells, 1):
+        head = f"[{i}/{len(cells)}] {cell.variant} seed {cell.seed}"
+        t0 = time.perf_counter()
+        rec = run_cell(ap, base, cell, where, caches_done, log=lambda s: log(f"{head}{s}"))
+        if rec.get("skipped"):
+            skipped += 1
+            log(f"{head}: finished earlier, skipped")
+            continue
+        ran += 1
+        first = next(iter(rec["metrics"].values()), {})
+        shown = ", ".join(f"{k}={first[k]:.1f}" for k in ("i2t_R@1", "t2i_R@1", "rsum") if k in first)
+        log(f"{head}: {shown} ({time.perf_counter() - t0:.0f} s: {rec['timings']})")
+        write_tables(ap)
+    rows = write_tables(ap)
+    return {"cells": len(cells), "ran": ran, "skipped": skipped, "rows": rows,
+            "seconds": round(time.perf_counter() - t_all, 1)}
+
+
+def load_sections(path: str) -> tuple[dict[str, Any], dict[str, dict]]:
+    data = read_yaml(path)
+    return dict(data.get("ablate") or {}), {k: dict(data.get(k) or {}) for k in SECTIONS}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--params", default="params.yaml", help="params file (section `ablate` + the stage sections)")
+    ap.add_argument("--name", help="override ablate.name (a new name = a new set of cells)")
+    ap.add_argument("--root", help="override ablate.root")
+    ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="override ablate.methods")
+    ap.add_argument("--seeds", nargs="+", type=int, help="override ablate.seeds")
+    ap.add_argument("--steps", type=int, help="override ablate.steps (every cell)")
+    ap.add_argument("--epochs", type=int, help="override ablate.epochs (every cell, when steps is 0)")
+    ap.add_argument("--eval-sets", nargs="+", choices=EVAL_SETS, help="override ablate.eval_sets")
+    ap.add_argument("--table-md", help="override ablate.table_md")
+    ap.add_argument("--table-csv", help="override ablate.table_csv")
+    ap.add_argument("--table-only", action="store_true", help="only (re)write the table from the finished cells")
+
+
+def run(args: argparse.Namespace) -> int:
+    raw, base = load_sections(args.params)
+    over = {k: v for k, v in {"name": args.name, "root": args.root, "methods": args.methods, "seeds": args.seeds,
+                              "steps": args.steps, "epochs": args.epochs, "eval_sets": args.eval_sets,
+                              "table_md": args.table_md, "table_csv": args.table_csv}.items() if v is not None}
+    if args.methods is not None and "all_kinds_for" not in over:
+        over["all_kinds_for"] = [m for m in raw.get("all_kinds_for", AblateParams().all_kinds_for)
+                                 if m in args.methods]
+    ap = from_dict(AblateParams, {**raw, **over}, f"{args.params}:ablate")
+    if args.table_only:
+        ap.validate()
+        rows = write_tables(ap)
+        print(json.dumps({"rows": len(rows), "table_md": ap.table_md, "table_csv": ap.table_csv}))
+        return 0
+    out = run_ablation(ap, base, str(args.params))
+    print(json.dumps({k: out[k] for k in ("cells", "ran", "skipped", "seconds")}
+                     | {"table_md": ap.table_md, "table_csv": ap.table_csv}))
+    return 0
+
+
+if __name__ == "__main__":  # python -m campe.ablate (before the CLI entry is added)
+    _p = argparse.ArgumentParser(prog="campe ablate", description=__doc__.splitlines()[0])
+    add_arguments(_p)
+    sys.exit(run(_p.parse_args()))

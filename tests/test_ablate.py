@@ -1,0 +1,208 @@
+"""`campe ablate`: the grid, caches shared by layout, the table = mean/std of the cells' metrics JSONs, resume.
+
+A real tiny run: the tiny generated benchmark through the download stage, a 2-layer random BERT (local folder with
+the MiniLM tokenizer), tiny towers, 3 steps per cell, MLflow in a temp SQLite store; 2 methods x 2 seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from campe import ablate
+from campe.ablate import AblateParams, Cell, grid, layout_key
+from campe.config import ConfigError
+from campe.train_loop import resolve_run_config
+
+TINY_MODEL = dict(image_size=32, patch_size=8, width=32, layers=1, heads=2, embed_dim=32, frames=4,
+                  context_length=32, text_width=32, text_layers=1, text_heads=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> str:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from campe.multiprompt import resolve_model_path
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
+    torch.manual_seed(0)
+    lm = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=96))
+    path = tmp_path_factory.mktemp("tiny_bert")
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_generated, tiny_lm, tmp_path_factory) -> dict:
+    """Stage sections of a tiny ablation (what params.yaml holds), on download-stage shards of the tiny set."""
+    from stages.download import DownloadParams, download_stage
+    _, root = tiny_generated
+    tmp = tmp_path_factory.mktemp("ablate")
+    download_stage(DownloadParams(url_list=str(root / "urls" / "train.parquet"), output_dir=str(tmp / "shards"),
+                                  stats_file=str(tmp / "stats.json"), extra_columns=["image_id"], image_size=32,
+                                  processes_count=1, thread_count=4, number_sample_per_shard=30))
+    return {"text_encoder": {"model_path": tiny_lm, "k": 2, "defo_tokens": 2, "max_length": 24,
+                             "pooling": "multi_prompt", "negation": True},
+            "model": dict(TINY_MODEL), "loss": {"lambda_div": 0.1, "lambda_neg": 0.1},
+            "train": {"shards_dir": str(tmp / "shards"), "cache_dir": "unused: the ablation picks one per layout",
+                      "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "progress": False, "log_every": 1,
+                      "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "artifact_root": str(tmp / "art")},
+            "cache": {"batch_size": 16, "threads": 1},
+            "evaluate": {"image_sets": {"gen": str(root / "dataset_karpathy.json")},
+                         "video_sets": {"gen_video": str(root / "msrvtt")}, "zero_shot_root": "",
+                         "video_frames": 4, "examples": 1, "batch_size": 16}}
+
+
+def _ap(tmp: Path, **kw) -> AblateParams:
+    return AblateParams(**{"name": "t", "root": str(tmp / "abl"), "methods": ["vanilla", "multi_prompt_div_neg"],
+                           "kinds": ["softmax"], "all_kinds_for": [], "seeds": [0, 1], "steps": 3,
+                           "eval_sets": ["image", "video"], "experiment": "abl-test",
+                           "table_md": str(tmp / "out" / "ablation.md"), "table_csv": str(tmp / "out" / "ablation.csv"),
+                           **kw})
+
+
+@pytest.fixture(scope="module")
+def ran(base, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ran")
+    ap = _ap(tmp)
+    lines: list[str] = []
+    out = ablate.run_ablation(ap, base, "test", log=lines.append)
+    return ap, out, lines
+
+
+def test_grid_runs_every_method_with_the_first_kind_and_listed_methods_with_all_kinds():
+    ap = AblateParams(methods=["vanilla", "multi_prompt", "multi_prompt_div_neg"], kinds=["softmax", "sigmoid"],
+                      all_kinds_for=["multi_prompt_div_neg"], seeds=[3, 5, 7])
+    cells = grid(ap)
+    assert len(cells) == 4 * 3 and len(set(cells)) == len(cells)
+    assert cells[:4] == [Cell("vanilla", "softmax", 3), Cell("multi_prompt", "softmax", 3),
+                         Cell("multi_prompt_div_neg", "softmax", 3), Cell("multi_prompt_div_neg", "sigmoid", 3)]
+    assert {c.seed for c in cells} == {3, 5, 7}
+    with pytest.raises(ConfigError, match="all_kinds_for"):
+        ablate.from_dict(AblateParams, {"methods": ["vanilla"], "all_kinds_for": ["defo"]}, "p:ablate")
+    with pytest.raises(ConfigError, match="method 'clip'"):
+        ablate.from_dict(AblateParams, {"methods": ["clip"]}, "p:ablate")
+
+
+def test_cells_change_only_method_kind_seed_and_schedule_and_share_caches_by_layout(base, tmp_path):
+    ap = _ap(tmp_path, methods=list(ablate.ALL_METHODS), kinds=["softmax", "sigmoid"],
+             all_kinds_for=["multi_prompt_div_neg"], steps=7)
+    cfgs = {c: resolve_run_config(ablate.cell_sections(ap, base, c)) for c in grid(ap)}
+    ref = cfgs[Cell("multi_prompt", "softmax", 0)]
+    for c, cfg in cfgs.items():
+        assert (cfg.method, cfg.loss.kind, cfg.train.seed, cfg.model.init_seed) == (c.method, c.kind, c.seed, c.seed)
+        # The same data, schedule and optimiser for every method (no per-method tuning).
+        for f in ("shards_dir", "steps", "batch_size", "lr", "warmup_steps", "weight_decay", "min_lr_ratio"):
+            assert getattr(cfg.train, f) == getattr(ref.train, f), f
+        assert cfg.train.steps == 7 and cfg.train.out_dir.endswith(f"{c.variant}/seed{c.seed}")
+    keys = {m: layout_key(cfgs[Cell(m, "softmax", 0)].text_encoder) for m in ablate.ALL_METHODS if m != "vanilla"}
+    assert keys["multi_prompt"] == keys["multi_prompt_div"] != keys["multi_prompt_div_neg"]
+    assert len(set(keys.values())) == 6  # mean, last_token, single_prompt, defo, multi_prompt, +neg
+    # Seeds and the kind do not change the cached layout (one cache serves all seeds and both kinds).
+    assert layout_key(cfgs[Cell("multi_prompt_div_neg", "sigmoid", 1)].text_encoder) == keys["multi_prompt_div_neg"]
+
+
+def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
+    ap, out, lines = ran
+    assert (out["cells"], out["ran"], out["skipped"]) == (4, 4, 0)
+    assert sum("[" in s and "seed" in s and "rsum" in s for s in lines) == 4  # one progress line per cell
+    # The reference: the evaluation stage's metrics JSONs of each cell, read directly.
+    per = {}
+    for c in grid(ap):
+        for ds in ("gen", "gen_video"):
+            rec = json.loads((ablate.cell_dir(ap, c) / "eval" / f"{ds}.json").read_text())
+            per.setdefault((c.variant, ds), []).append(rec["metrics"])
+    rows = list(csv.DictReader(io.StringIO(Path(ap.table_csv).read_text())))
+    assert rows and set(rows[0]) == set(ablate.CSV_FIELDS)
+    got = {(r["variant"], r["dataset"], r["metric"]): r for r in rows}
+    for (variant, ds), ms in per.items():
+        for metric in ms[0]:
+            vals = [m[metric] for m in ms]
+            r = got[(variant, ds, metric)]
+            assert float(r["mean"]) == pytest.approx(sum(vals) / 2, abs=1e-9)
+            assert float(r["std"]) == pytest.approx(statistics.stdev(vals), abs=1e-9)
+            assert (r["n"], r["seeds"]) == ("2", "0 1")
+    assert {r["metric"] for r in rows if r["dataset"] == "gen"} >= {
+        "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"}
+
+    # Markdown: a table per eval set, one row per variant, cells "mean ± std" equal to the CSV's.
+    md = Path(ap.table_md).read_text()
+    assert "4 of 4 cells finished" in md
+    section = md.split("## gen\n", 1)[1].split("## ", 1)[0]
+    table = [ln for ln in section.splitlines() if ln.startswith("|")]
+    header = [h.strip() for h in table[0].strip("|").split("|")]
+    assert header[:2] == ["method", "loss"] and header[-2:] == ["n", "seeds"] and "rsum" in header
+    body = {tuple(x.strip() for x in ln.strip("|").split("|"))[0]: [x.strip() for x in ln.strip("|").split("|")]
+            for ln in table[2:]}
+    assert set(body) == {"vanilla", "multi_prompt_div_neg"}
+    for method, cells in body.items():
+        for name, text in zip(header[2:-2], cells[2:-2]):
+            r = got[(f"{method}-softmax", "gen", name)]
+            assert text == f"{float(r['mean']):.2f} ± {float(r['std']):.2f}"
+        assert cells[-2:] == ["2", "0 1"]
+
+
+def test_every_cell_is_an_mlflow_run_tagged_with_the_ablation(ran, base):
+    from mlflow.tracking import MlflowClient
+    ap, _, _ = ran
+    client = MlflowClient(tracking_uri=base["train"]["tracking_uri"])
+    exp = client.get_experiment_by_name("abl-test")
+    runs = client.search_runs([exp.experiment_id], "tags.ablation = 't'")
+    assert sorted(r.info.run_name for r in runs) == sorted(f"t/{c.variant}/seed{c.seed}" for c in grid(ap))
+    assert all("eval/gen/i2t_R_at_1" in r.data.metrics for r in runs)
+
+
+def test_resume_skips_finished_cells_and_redoes_only_an_unfinished_one(ran, base):
+    ap, _, _ = ran
+    cells = grid(ap)
+    victim = ablate.cell_dir(ap, cells[-1])
+    (victim / ablate.CELL_FILE).unlink()  # as if killed during its evaluation
+    mtimes = {c: (ablate.cell_dir(ap, c) / "model.pt").stat().st_mtime_ns for c in cells}
+    lines: list[str] = []
+    out = ablate.run_ablation(ap, base, "test", log=lines.append)
+    assert (out["ran"], out["skipped"]) == (1, 3)
+    assert sum("skipped" in s for s in lines) == 3
+    # Nothing retrained: the killed cell had its model, so only its evaluation ran again.
+    assert all((ablate.cell_dir(ap, c) / "model.pt").stat().st_mtime_ns == mtimes[c] for c in cells)
+    assert (victim / ablate.CELL_FILE).exists()
+    # Other params for the same cells: refused, naming the cell, never mixed into the table.
+    with pytest.raises(ConfigError, match=r"seed0.*other params"):
+        ablate.run_ablation(_ap(Path(ap.root).parent, steps=4), base, "test", log=lines.append)
+
+
+def test_cli_table_only_rewrites_the_table_from_finished_cells(ran, tmp_path):
+    import yaml
+    ap, _, _ = ran
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"ablate": {k: getattr(ap, k) for k in (
+        "name", "root", "methods", "kinds", "all_kinds_for", "seeds", "steps", "eval_sets")}}))
+    parser = argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    md, cs = tmp_path / "t.md", tmp_path / "t.csv"
+    args = parser.parse_args(["--params", str(params), "--table-only", "--table-md", str(md), "--table-csv", str(cs)])
+    assert ablate.run(args) == 0
+    assert cs.read_text() == Path(ap.table_csv).read_text()
+    # One seed only: std is empty in the CSV and the Markdown shows the bare mean.
+    args = parser.parse_args(["--params", str(params), "--table-only", "--seeds", "1", "--table-md", str(md),
+                              "--table-csv", str(cs)])
+    assert ablate.run(args) == 0
+    rows = list(csv.DictReader(cs.open()))
+    assert rows and all(r["std"] == "" and r["n"] == "1" and r["seeds"] == "1" for r in rows)
+    table = [ln for ln in md.read_text().splitlines() if ln.startswith("| vanilla")]
+    assert table and "±" not in "".join(table) and not math.isnan(float(rows[0]["mean"]))
