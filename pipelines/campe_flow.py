@@ -5,26 +5,54 @@
     campe flow serve                   # serve that deployment: runs on its cron schedule (needs a Prefect server:
                                        #   `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api)
 
-Design: each task calls a stage function in-process with the params file's section, so a flow run and `dvc repro`
-produce the same artifacts from the same code; the download task has retries (network errors are the usual reason
-a run fails). Tasks are submitted to Prefect's thread-pool runner, i.e. they do not run on the main thread, which is
-why the download stage runs img2dataset in a process of its own (it installs a SIGINT handler).
+Stages: generate (embedded default only) -> download (retries) -> cache -> train -> evaluate, one task per stage,
+named after it.
+
+Design: each task calls the stage function in-process with the params file's sections (not `dvc repro <stage>`),
+so a flow run and `dvc repro` produce the same artifacts from the same code, while Prefect sees each stage's own
+exception (a failed flow shows the stage's error, not a dvc exit code), retries only the download, and the tasks
+can log to MLflow with explicit run ids. DVC stays the tool that versions the artifacts; the flow is the scheduler.
+Tasks are submitted to Prefect's thread-pool runner, i.e. they do not run on the main thread, which is why the
+download stage runs img2dataset in a process of its own (it installs a SIGINT handler).
+
+MLflow (train.tracking_uri, experiment train.experiment): one parent run per flow run and one child run per stage
+(tag `mlflow.parentRunId`), all through MlflowClient and explicit run ids, never the fluent active run (it is
+thread-local, and the tasks run on other threads). Runs are named `<stage>/<method or config>/<UTC date>` and
+tagged with the git commit, the sha256 of the params sections the stage reads, and the Prefect flow-run id. The
+train child is the training loop's own run (campe.train_loop.Tracker; its id is in <out_dir>/mlflow_run_id.txt):
+the flow names and tags it after the stage, so evaluation metrics, which `campe evaluate` logs into the training
+run, appear under the train child; the evaluate child holds them as well, with a tag pointing at the train run.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import math
+import subprocess
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 
-from campe.config import load_params
+from campe.config import load_params, read_yaml
+from campe.multiprompt import MultiPromptConfig
 from campe.synth import SynthParams
+from campe.train_loop import RUN_ID_FILE, TrainParams
+from stages.cache import CacheParams, run_stage as cache_stage
 from stages.download import DownloadInputError, DownloadParams, download_stage
+from stages.evaluate import EvaluateParams, mlflow_metric_name, run_stage as evaluate_stage
 from stages.generate import run_stage as generate_stage
+from stages.train import load_run_config, run_stage as train_stage
 
-
+# The params sections each stage reads (what its params hash covers; the same lists as dvc.yaml's `params`).
+STAGE_SECTIONS = {"generate": ("generate",), "download": ("download",), "cache": ("cache", "text_encoder"),
+                  "train": ("text_encoder", "model", "loss", "train"), "evaluate": ("evaluate",)}
+PARENT_TAG = "mlflow.parentRunId"
 @dataclass
 class FlowParams:
     """params.yaml section `flow`: the scheduled deployment."""
@@ -44,9 +72,131 @@ class FlowParams:
             raise ValueError(f"cron {self.cron!r} / timezone {self.timezone!r} is not a valid schedule: {e}") from None
 
 
+# ------------------------------------------------------------------------------------------------------ MLflow
+def params_hash(params_file: str, sections: tuple[str, ...]) -> str:
+    """sha256 of the named sections of the params file (canonical JSON; a missing section hashes as null)."""
+    data = read_yaml(params_file)
+    blob = json.dumps({k: data.get(k) for k in sections}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def git_commit(cwd: str | None = None) -> str | None:
+    """HEAD's commit of the git repository around `cwd` (None outside a repository or without git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@dataclass
+class RunContext:
+    """What every run of one flow run shares: the store, the experiment, the parent run, the common tags."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    params_file: str
+    label: str  # train.method: the <method or config> part of the run names
+    date: str  # the flow run's start (UTC), the <date> part of the run names
+    tags: dict[str, str]  # git commit, Prefect flow-run id
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def run_name(self, stage: str, label: str | None = None) -> str:
+        return f"{stage}/{label or self.label}/{self.date}"
+
+    def stage_tags(self, stage: str) -> dict[str, str]:
+        return {**self.tags, PARENT_TAG: self.parent_run_id, "campe.stage": stage,
+                "campe.params_hash": params_hash(self.params_file, STAGE_SECTIONS[stage])}
+
+
+def _experiment_id(client, tp: TrainParams) -> str:
+    """The training loop's experiment (same name and artifact location as campe.train_loop.Tracker makes)."""
+    exp = client.get_experiment_by_name(tp.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = (Path(tp.artifact_root).resolve() / tp.experiment).as_uri()
+    return client.create_experiment(tp.experiment, artifact_location=location)
+
+
+def start_parent_run(params_file: str, flow_run_id: str | None) -> RunContext | None:
+    """The flow run's parent MLflow run (None when train.tracking_uri is empty: no tracking)."""
+    from mlflow.tracking import MlflowClient
+
+    tp = load_params(params_file, "train", TrainParams)
+    if not tp.tracking_uri:
+        return None
+    client = MlflowClient(tracking_uri=tp.tracking_uri)
+    exp_id = _experiment_id(client, tp)
+    tags = {"campe.flow_params_file": str(params_file)}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = str(flow_run_id)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ctx = RunContext(tp.tracking_uri, exp_id, "", params_file, tp.method, date, tags)
+    all_sections = tuple(dict.fromkeys(s for v in STAGE_SECTIONS.values() for s in v))
+    run = client.create_run(exp_id, run_name=ctx.run_name("flow"),
+                            tags={**tags, "campe.stage": "flow",
+                                  "campe.params_hash": params_hash(params_file, all_sections)})
+    ctx.parent_run_id = run.info.run_id
+    return ctx
+
+
+def _numbers(summary: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a stage summary, as MLflow metric names (a/b/c)."""
+    out: dict[str, float] = {}
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}".replace("@", "_at_")] = float(v)
+    return out
+
+
+def _log(client, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None):
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    m = [Metric(k, v, now, 0) for k, v in (metrics or {}).items()]
+    p = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    for i in range(0, max(len(m), len(p)), 100):
+        client.log_batch(run_id, metrics=m[i:i + 100], params=p[i:i + 100])
+
+
+def _section_params(ctx: RunContext, stage: str) -> dict[str, Any]:
+    data = read_yaml(ctx.params_file)
+    return {f"{sec}.{k}": v for sec in STAGE_SECTIONS[stage] for k, v in (data.get(sec) or {}).items()}
+
+
+def _tracked(stage: str, ctx: RunContext | None, fn, label: str | None = None, to_metrics=None) -> dict[str, Any]:
+    """Run one stage under its own child run: params of its sections, its summary as metrics (`to_metrics`,
+    default: the numeric leaves), the run's status."""
+    if ctx is None:
+        return fn()
+    client = ctx.client()
+    run_id = client.create_run(ctx.experiment_id, run_name=ctx.run_name(stage, label),
+                               tags=ctx.stage_tags(stage)).info.run_id
+    _log(client, run_id, params=_section_params(ctx, stage))
+    try:
+        summary = fn()
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    _log(client, run_id, metrics=(to_metrics or _numbers)(summary))
+    client.set_terminated(run_id, "FINISHED")
+    return {**summary, "mlflow_run_id": run_id}
+
+
+# ------------------------------------------------------------------------------------------------------- tasks
 @task(name="generate")
-def generate_task(params_file: str, out: str) -> dict[str, Any]:
-    return generate_stage(load_params(params_file, "generate", SynthParams), out)
+def generate_task(params_file: str, out: str, ctx: RunContext | None = None) -> dict[str, Any]:
+    p = load_params(params_file, "generate", SynthParams)
+    return _tracked("generate", ctx, lambda: generate_stage(p, out), Path(params_file).stem)
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
@@ -61,21 +211,92 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 @task(name="download", retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_unless_bad_input)
-def download_task(params_file: str) -> dict[str, Any]:
-    return download_stage(load_params(params_file, "download", DownloadParams))
+def download_task(params_file: str, ctx: RunContext | None = None) -> dict[str, Any]:
+    p = load_params(params_file, "download", DownloadParams)
+    return _tracked("download", ctx, lambda: download_stage(p), Path(params_file).stem)
 
 
+@task(name="cache")
+def cache_task(params_file: str, ctx: RunContext | None = None) -> dict[str, Any]:
+    p = load_params(params_file, "cache", CacheParams)
+    enc = load_params(params_file, "text_encoder", MultiPromptConfig)
+    # --on-mismatch rebuild, as in dvc.yaml: a cache made with other text_encoder params is replaced.
+    return _tracked("cache", ctx, lambda: cache_stage(p, enc, on_mismatch="rebuild"), Path(params_file).stem)
+
+
+@task(name="train")
+def train_task(params_file: str, ctx: RunContext | None = None) -> dict[str, Any]:
+    """The training loop makes its own MLflow run; it becomes the train child (named and tagged here)."""
+    cfg = load_run_config(params_file)
+    if ctx is None:
+        return train_stage(cfg)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_name=ctx.run_name("train")))
+    id_file = Path(cfg.train.out_dir) / RUN_ID_FILE
+    started = time.time()
+    try:
+        summary = train_stage(cfg)
+    finally:  # also a failed run is filed under its flow run (the id file is written when the run starts)
+        if id_file.exists() and id_file.stat().st_mtime >= started - 1:
+            client = ctx.client()
+            for k, v in ctx.stage_tags("train").items():
+                client.set_tag(id_file.read_text().strip(), k, v)
+    return {**summary, "mlflow_run_id": summary.get("run_id")}
+
+
+@task(name="evaluate")
+def evaluate_task(params_file: str, ctx: RunContext | None = None) -> dict[str, Any]:
+    """Evaluation logs into the training run (campe evaluate); the evaluate child gets the same metrics."""
+    p = load_params(params_file, "evaluate", EvaluateParams)
+    if ctx is None:
+        return {name: r["record"]["metrics"] for name, r in evaluate_stage(p).items()}
+    id_file = Path(p.checkpoint) / RUN_ID_FILE
+    train_run = id_file.read_text().strip() if id_file.exists() else ""
+
+    def run() -> dict[str, Any]:
+        return {name: r["record"]["metrics"] for name, r in evaluate_stage(p).items()}
+
+    out = _tracked("evaluate", ctx, run, to_metrics=_eval_metrics)
+    if train_run:
+        ctx.client().set_tag(out["mlflow_run_id"], "campe.train_run_id", train_run)
+    return out
+
+
+def _eval_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """{set: {metric: value}} -> the names `campe evaluate` logs into the training run (eval/<set>/<metric>)."""
+    return {mlflow_metric_name(ds, k): float(v) for ds, m in results.items() if isinstance(m, dict)
+            for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+# -------------------------------------------------------------------------------------------------------- flow
 @flow(name="campe-pipeline")
 def campe_pipeline(params_file: str = "params.yaml", generated_dir: str = "data/generated",
                    generate: bool = True) -> dict[str, Any]:
-    """generate (embedded default only) -> download. Returns each stage's summary."""
+    """generate (embedded default only) -> download -> cache -> train -> evaluate. Returns each stage's summary
+    (+ its MLflow run id) and, under "mlflow", the parent run id."""
+    from prefect.runtime import flow_run
+
+    ctx = start_parent_run(params_file, flow_run.id)
     results: dict[str, Any] = {}
-    upstream = []
-    if generate:
-        gen = generate_task.submit(params_file, generated_dir)
-        results["generate"] = gen.result()
-        upstream = [gen]
-    results["download"] = download_task.submit(params_file, wait_for=upstream).result()
+    try:
+        upstream = []
+        if generate:
+            gen = generate_task.submit(params_file, generated_dir, ctx)
+            results["generate"] = gen.result()
+            upstream = [gen]
+        prev = download_task.submit(params_file, ctx, wait_for=upstream)
+        results["download"] = prev.result()
+        for name, stage_task in (("cache", cache_task), ("train", train_task), ("evaluate", evaluate_task)):
+            prev = stage_task.submit(params_file, ctx, wait_for=[prev])
+            results[name] = prev.result()
+    except BaseException:
+        if ctx is not None:
+            ctx.client().set_terminated(ctx.parent_run_id, "FAILED")
+        raise
+    if ctx is not None:
+        client = ctx.client()
+        _log(client, ctx.parent_run_id, metrics=_eval_metrics(results["evaluate"]))  # the headline figures
+        client.set_terminated(ctx.parent_run_id, "FINISHED")
+        results["mlflow"] = {"parent_run_id": ctx.parent_run_id, "experiment_id": ctx.experiment_id}
     return results
 
 
@@ -98,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "run":
         fp = load_params(args.params, "flow", FlowParams)
         out = campe_pipeline(args.params, fp.generated_dir, fp.generate)
-        print(json.dumps({k: sorted(v) if isinstance(v, dict) else v for k, v in out.items()}))
+        print(json.dumps({k: v if k == "mlflow" else sorted(v) for k, v in out.items()}))
         return 0
     dep = build_deployment(args.params)
     if args.action == "show":
