@@ -1,0 +1,147 @@
+"""End to end: the real `dvc repro` (real git, real DVC, the `campe` commands) on the tiny config in a temp copy of
+the repository; and the README's commands are the ones CI and the repro target run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny_config import save_tiny_lm, write_tiny_params
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: dvc, campe
+STAGES = ["generate", "download", "cache", "train", "evaluate"]
+
+
+def _copy_repo(dst: Path) -> Path:
+    """The tracked files (as in the working tree), no data, no venv: what a fresh clone holds."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    return dst
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(repo), DVC_NO_ANALYTICS="1",
+               CAMPE_NO_PROGRESS="1", GIT_AUTHOR_NAME="campe-test", GIT_AUTHOR_EMAIL="test@campe.invalid",
+               GIT_COMMITTER_NAME="campe-test", GIT_COMMITTER_EMAIL="test@campe.invalid")
+    env.setdefault("DVC_SITE_CACHE_DIR", str(repo.parent / "dvc-site"))
+    return env
+
+
+def _sh(repo: Path, *cmd: str) -> str:
+    r = subprocess.run(list(cmd), cwd=repo, env=_env(repo), capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+def _repro(repo: Path) -> list[str]:
+    """`dvc repro`; returns the stages it ran (in order), parsed from its output."""
+    out = _sh(repo, str(BIN / "dvc"), "repro")
+    ran = re.findall(r"Running stage '([\w@.-]+)'", out)
+    skipped = re.findall(r"Stage '([\w@.-]+)' didn't change, skipping", out)
+    assert set(ran) | set(skipped) <= set(STAGES), out
+    return ran
+
+
+def _recalls(metrics: dict[str, float], prefixes: tuple[str, ...]) -> None:
+    for p in prefixes:
+        r1, r5, r10 = (metrics[f"{p}_R@{k}"] for k in (1, 5, 10))
+        assert 0 <= r1 <= r5 <= r10 <= 100, (p, r1, r5, r10)
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory):
+    """A git repository copy with the tiny params.yaml, after a first full `dvc repro`: (path, stages run)."""
+    root = tmp_path_factory.mktemp("e2e")
+    lm = save_tiny_lm(root / "tiny_lm")  # outside the repo: a params value, not a DVC dependency
+    repo = _copy_repo(root / "repo")
+    write_tiny_params(repo / "params.yaml", text_model=lm)  # relative paths, as dvc.yaml expects
+    _sh(repo, "git", "init", "-q")
+    _sh(repo, "git", "add", "-A")
+    _sh(repo, "git", "commit", "-q", "-m", "tiny config")
+    return repo, _repro(repo)
+
+
+def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo):
+    repo, ran = tiny_repo
+    assert ran == STAGES
+    cfg = yaml.safe_load((repo / "params.yaml").read_text())
+
+    dl = json.loads((repo / "metrics/download_stats.json").read_text())
+    assert dl["successes"] == cfg["generate"]["train_images"] * cfg["generate"]["train_captions"]
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["steps"] == cfg["train"]["steps"] and math.isfinite(train["final_loss"])
+    img = json.loads((repo / "metrics/eval/generated.json").read_text())["metrics"]
+    _recalls(img, ("i2t", "t2i"))
+    vid = json.loads((repo / "metrics/eval/generated_msrvtt.json").read_text())["metrics"]
+    _recalls(vid, ("v2t", "t2v"))
+    zs = json.loads((repo / "metrics/eval/zero_shot.json").read_text())["metrics"]
+    assert all(0 <= v <= 100 for v in zs.values()) and zs
+    assert (repo / "plots/eval/generated_recall.png").stat().st_size > 0
+
+    # The MLflow SQLite store in the repo holds the training run, with its step and eval metrics.
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    run = client.get_run((repo / "data/models/campe/mlflow_run_id.txt").read_text().strip())
+    assert run.info.status == "FINISHED" and run.data.tags["method"] == cfg["train"]["method"]
+    assert run.data.metrics["eval/generated/t2i_R_at_1"] == pytest.approx(img["t2i_R@1"])
+    assert run.data.metrics["eval/generated_msrvtt/v2t_R_at_5"] == pytest.approx(vid["v2t_R@5"])
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+
+    # A second repro is a no-op and the workspace is clean.
+    assert _repro(repo) == []
+    assert "Data and pipelines are up to date" in _sh(repo, str(BIN / "dvc"), "status")
+
+
+def test_changing_a_train_param_reruns_exactly_train_and_evaluate(tiny_repo):
+    repo, _ = tiny_repo
+    before = (repo / "metrics/eval/generated.json").read_text()
+    params = repo / "params.yaml"
+    cfg = yaml.safe_load(params.read_text())
+    cfg["train"]["steps"] -= 2
+    params.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert _repro(repo) == ["train", "evaluate"]
+    assert json.loads((repo / "metrics/train.json").read_text())["steps"] == cfg["train"]["steps"]
+    assert json.loads(before)["checkpoint"] == json.loads((repo / "metrics/eval/generated.json").read_text())[
+        "checkpoint"]
+    assert "Data and pipelines are up to date" in _sh(repo, str(BIN / "dvc"), "status")
+
+
+# ------------------------------------------------------------------------------ the documented commands
+def _readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```[a-z]*\n(.*?)```", text, re.S)
+    assert block, "README.md has no fenced code block"
+    return [line.split("#", 1)[0].strip() for line in block.group(1).splitlines() if line.split("#", 1)[0].strip()]
+
+
+def _make_recipe(target: str) -> list[str]:
+    lines = (REPO / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"{target}\s*:(?!=)", line))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
+def test_readme_commands_are_what_ci_and_the_repro_target_run():
+    assert _readme_commands() == ["make repro", "make test"]
+    ci = [line.strip() for line in (REPO / ".ci/run").read_text().splitlines() if not line.startswith("#")]
+    assert "make test" in ci
+    assert any(re.search(r"(^|\s)dvc repro(\s|$)", line) for line in _make_recipe("repro"))
+    assert any("pytest" in line and "tests" in line for line in _make_recipe("test"))
