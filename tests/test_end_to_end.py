@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,11 @@ def _env(repo: Path) -> dict[str, str]:
                CAMPE_NO_PROGRESS="1", GIT_AUTHOR_NAME="campe-test", GIT_AUTHOR_EMAIL="test@campe.invalid",
                GIT_COMMITTER_NAME="campe-test", GIT_COMMITTER_EMAIL="test@campe.invalid")
     env.setdefault("DVC_SITE_CACHE_DIR", str(repo.parent / "dvc-site"))
+    if env.pop("PYTHONDONTWRITEBYTECODE", None):
+        # Bytecode may not be written next to the sources here: keep it in a private prefix instead, so the ~12
+        # Python processes (dvc, each `campe` stage) compile torch / transformers / mlflow once, not each time.
+        # (pyc files are checked against their source's mtime, so a cache shared between test sessions is safe)
+        env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / f"campe-pycache-{os.getuid()}")
     return env
 
 
