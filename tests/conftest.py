@@ -29,3 +29,38 @@ def tiny_generated(tmp_path_factory):
     root = tmp_path_factory.mktemp("generated") / "gen"
     generate(TINY, root)
     return TINY, root
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The packaged MiniLM tokenizer (offline)."""
+    from transformers import AutoTokenizer
+
+    from campe.multiprompt import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def minilm_lm():
+    """The packaged MiniLM-L6 model in eval mode (one per test module, which may change its attention setting)."""
+    from transformers import AutoModel
+
+    from campe.multiprompt import resolve_model_path
+
+    return AutoModel.from_pretrained(resolve_model_path("minilm"), local_files_only=True).eval()
+
+
+def join_spawned(ctx, timeout: float = 120.0) -> None:
+    """Wait for torch.multiprocessing processes started with join=False; fail (never hang) after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"spawned processes did not finish within {timeout:.0f} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()

@@ -19,7 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
+from transformers import AutoModel  # noqa: E402
 
 from campe.cache import (  # noqa: E402
     CacheCorruptError, CacheError, CacheMismatchError, CacheMissingError, CachedTextTower,
@@ -51,16 +51,6 @@ def shards(tiny_generated, tmp_path_factory) -> Path:
                        processes_count=1, thread_count=4, number_sample_per_shard=16, timeout=3)
     assert download_stage(p)["successes"] == 48
     return tmp / "shards"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def minilm_lm():
-    return AutoModel.from_pretrained(resolve_model_path("minilm"), local_files_only=True).eval()
 
 
 def tiny_decoder(family: str, vocab_size: int, layers: int = 3) -> torch.nn.Module:

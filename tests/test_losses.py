@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import time
 from datetime import timedelta
 
 import pytest
@@ -17,6 +16,7 @@ from torch import nn
 from campe.config import ConfigError, from_dict
 from campe.losses import (ClipLoss, CampeObjective, LossConfig, SigLipLoss, diversity_loss, negation_loss,
                           total_loss)
+from tests.conftest import join_spawned
 
 DT = torch.float64
 
@@ -263,15 +263,7 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path):
     data = _data()
     ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), data), nprocs=2, join=False,
                              start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail("two gloo ranks did not finish within 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    join_spawned(ctx)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for case, r0, r1 in zip(CASES, *ranks):
         kind, all_images, with_grad = case

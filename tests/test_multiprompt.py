@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
+from transformers import AutoModel  # noqa: E402
 
 from campe.config import ConfigError, from_dict  # noqa: E402
 from campe.multiprompt import (  # noqa: E402
@@ -22,16 +22,6 @@ from campe.multiprompt import (  # noqa: E402
     resolve_model_path)
 
 CAPTIONS = ["a dog", "a red circle on a blue background next to a small green square", "two cats on a mat"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def minilm_lm():
-    return AutoModel.from_pretrained(resolve_model_path("minilm"), local_files_only=True).eval()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import argparse
 import math
 import os
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from campe.config import ConfigError
 from campe.train_loop import (CKPT, FINAL, LOG_FILE, METHODS, RUN_ID_FILE, MemoryPairs, build_run_model,
                               load_trained_model, lr_factor, make_optimizer, read_log, resolve_run_config,
                               split_decay, train)
+from tests.conftest import join_spawned
 
 TINY_MODEL = dict(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=64, frames=4,
                   context_length=32, text_width=64, text_layers=2, text_heads=2)
@@ -351,15 +351,7 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path):
     ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), cfgs["two"], data), nprocs=2, join=False,
                              start_method="spawn")
     train(cfgs["one"], source=data)  # meanwhile, one process on the whole batch
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail("two gloo ranks did not finish within 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    join_spawned(ctx)
     one, two = _ckpt(tmp_path / "one"), _ckpt(tmp_path / "two")
     assert two["world_size"] == 2 and len(two["rng"]) == 2
     for k, v in one["model"].items():
