@@ -4,6 +4,7 @@
     campe download            # img2dataset -> webdataset shards, stats roll-up
     campe download --retry-failed
     campe cache               # frozen-LM hidden states of every caption -> Parquet shards + manifest
+    campe ablate              # baselines and ablations over seeds -> metrics/ablation.md / .csv
     campe flow run | show | serve
     campe train               # the multi-prompt objective (or a baseline: --method) from the cache
     campe evaluate            # retrieval R@1/5/10 both ways, zero-shot, pictures; logs into the training run
@@ -24,6 +25,7 @@ from campe.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("stages.generate", "generate the embedded default benchmark (images, videos, annotations)"),
     "download": ("stages.download", "download a URL list with img2dataset into webdataset shards"),
+    "ablate": ("campe.ablate", "the ablation table: methods x softmax/sigmoid x seeds, mean ± std (resumable)"),
     "flow": ("pipelines.campe_flow", "run, show or serve the Prefect flow (scheduled deployment from params.yaml)"),
     "cache": ("stages.cache", "precompute the frozen text-LM hidden states of every caption (resumable, sharded)"),
     "train": ("stages.train", "train CAMPE or a baseline from the cache or online (DDP under torchrun, MLflow)"),

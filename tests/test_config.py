@@ -14,6 +14,7 @@ from campe.config import ConfigError, from_dict, load_params, read_yaml
 from campe.synth import SynthParams
 from campe.multiprompt import MultiPromptConfig
 from pipelines.campe_flow import FlowParams
+from campe.ablate import AblateParams
 from campe.losses import LossConfig
 from campe.model import ModelConfig
 from campe.train_loop import DERIVED, TrainParams
@@ -24,7 +25,8 @@ from stages.download import DownloadParams
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"generate": SynthParams, "download": DownloadParams, "flow": FlowParams,
             "text_encoder": MultiPromptConfig, "cache": CacheParams,
-            "model": ModelConfig, "loss": LossConfig, "train": TrainParams, "evaluate": EvaluateParams}
+            "model": ModelConfig, "loss": LossConfig, "train": TrainParams, "evaluate": EvaluateParams,
+            "ablate": AblateParams}
 
 
 def test_shipped_params_load_into_their_dataclasses():
