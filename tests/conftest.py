@@ -64,3 +64,23 @@ def join_spawned(ctx, timeout: float = 120.0) -> None:
         for proc in ctx.processes:
             if proc.is_alive():
                 proc.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> str:
+    """A 2-layer BERT (hidden 32, random weights) + the MiniLM tokenizer, saved as a local model folder."""
+    from tests.tiny_config import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`): on the
+    shared 2-core machine two OpenMP threads spin against other work, and some stages set all cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

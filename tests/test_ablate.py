@@ -21,31 +21,10 @@ from campe.ablate import AblateParams, Cell, grid, layout_key
 from campe.config import ConfigError
 from campe.train_loop import resolve_run_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_MODEL = dict(image_size=32, patch_size=8, width=32, layers=1, heads=2, embed_dim=32, frames=4,
                   context_length=32, text_width=32, text_layers=1, text_heads=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from campe.multiprompt import resolve_model_path
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
-    torch.manual_seed(0)
-    lm = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64, max_position_embeddings=96))
-    path = tmp_path_factory.mktemp("tiny_bert")
-    lm.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,9 @@ from campe.multiprompt import build_text_encoder, resolve_model_path  # noqa: E4
 from stages.cache import CacheParams, cache_stage, run  # noqa: E402
 from stages.download import DownloadParams, download_stage  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FP16_ATOL = 2e-3  # L2-normalised embeddings (entries ~0.05) from float16-rounded hidden states (2^-11 relative)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the 2 cores are shared, and the stage would otherwise set torch's threads to all cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

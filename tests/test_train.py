@@ -22,36 +22,11 @@ from campe.train_loop import (CKPT, FINAL, LOG_FILE, METHODS, RUN_ID_FILE, Memor
                               split_decay, train)
 from tests.conftest import join_spawned
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_MODEL = dict(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=64, frames=4,
                   context_length=32, text_width=64, text_layers=2, text_heads=2)
 QUIET = dict(tracking_uri="", metrics_file="", progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against other work (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> str:
-    """A 2-layer BERT (random weights, dropout on) + the MiniLM tokenizer, saved as a local model folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-    from transformers.utils import logging as hf_logging
-
-    from campe.multiprompt import resolve_model_path
-    hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
-    torch.manual_seed(0)
-    lm = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64, max_position_embeddings=96))
-    path = tmp_path_factory.mktemp("tiny_bert")
-    lm.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def _pairs(n: int = 48, seed: int = 0) -> MemoryPairs:
