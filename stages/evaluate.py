@@ -129,8 +129,9 @@ def evaluate_image_set(p: EvaluateParams, emb: Embedder, name: str, ann: str) ->
     txt, seg = emb.texts(ds.captions)
     k = None if seg is None else seg.shape[1]
     metrics = _metrics(p, img, txt, ds.txt_to_img, k)
-    files = [plots.recall_bars(metrics, Path(p.plots_dir) / f"{name}_recall.png", title=name),
-             _examples_grid(p, name, img, txt, ds.image_paths, ds.captions, ds.txt_to_img)]
+    files = [plots.recall_bars(metrics, Path(p.plots_dir) / f"{name}_recall.png", title=name)]
+    if p.examples:  # examples: 0 turns the example pictures off
+        files.append(_examples_grid(p, name, img, txt, ds.image_paths, ds.captions, ds.txt_to_img))
     if k is not None and p.examples:
         files.append(_aspect_maps(p, name, emb, ds.image_paths, ds.captions, ds.txt_to_img, txt, k))
     rec = eval_record(metrics, dataset=name, split=p.karpathy_split, caption_policy=f"first {p.max_captions}",

@@ -95,6 +95,13 @@ def test_missing_images_error_or_skip_and_count(tiny_generated, vanilla, tmp_pat
     assert (rec["images"], rec["skipped"]) == (5, 1)
 
 
+def test_examples_zero_turns_the_example_pictures_off(tiny_generated, vanilla, tmp_path):
+    _, root = tiny_generated
+    p = _params(root, tmp_path, video_sets={}, zero_shot_root="", examples=0)
+    files = evaluate_image_set(p, vanilla[1], "gen", str(root / "dataset_karpathy.json"))["files"]
+    assert [f.name for f in files] == ["gen_recall.png"]
+
+
 def test_campe_evaluate_on_a_trained_checkpoint_logs_into_its_mlflow_run(tiny_generated, tmp_path):
     """Train a tiny vanilla model for a few steps (real MLflow SQLite store), then `campe evaluate` its out_dir."""
     import argparse
