@@ -132,12 +132,6 @@ def _pass_dirs(out: Path) -> list[Path]:
     return sorted(d for d in out.glob("pass-[0-9][0-9]") if d.is_dir())
 
 
-def _expected_shards(list_path: Path, per_shard: int) -> int:
-    import pyarrow.parquet as pq
-
-    return math.ceil(pq.ParquetFile(list_path).metadata.num_rows / per_shard)
-
-
 def _finished_shards(pass_dir: Path) -> list[str]:
     return sorted(s.name[: -len("_stats.json")] for s in pass_dir.glob("[0-9]*_stats.json"))
 
@@ -165,7 +159,7 @@ def _run_img2dataset(list_path: Path, pass_dir: Path, p: DownloadParams) -> None
 
 
 def _complete(list_path: Path, pass_dir: Path, p: DownloadParams) -> bool:
-    return len(_finished_shards(pass_dir)) >= _expected_shards(list_path, p.number_sample_per_shard)
+    return len(_finished_shards(pass_dir)) >= math.ceil(_rows(list_path) / p.number_sample_per_shard)
 
 
 def _read_status(out: Path):
