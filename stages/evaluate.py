@@ -2,7 +2,12 @@
 
     campe evaluate                                             # params.yaml:evaluate, the trained checkpoint
     campe evaluate --checkpoint path/to/out_dir --image-set flickr=/data/flickr30k/dataset_flickr30k.json
-    campe evaluate --video-set msrvtt=/data/msrvtt --no-zero-shot
+    campe evaluate --video-set msrvtt=/data/msrvtt            # naming sets on the command line: only those
+    campe evaluate --zero-shot data/generated                  # only zero-shot classification
+
+dvc.yaml runs one stage per configured set (foreach over `evaluate.image_sets` / `evaluate.video_sets`, and one
+zero-shot stage), each naming its one set on the command line, so a new set is a new stage and the others stay
+cached.
 
 For each image set (Karpathy-split JSON: Flickr30k, COCO, the generated set) and video set (MSR-VTT style folder),
 writes `<metrics_dir>/<name>.json` (dataset, split, caption policy, checkpoint, params hash, the metrics
@@ -245,6 +250,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="a Karpathy-split JSON to evaluate (repeatable; replaces evaluate.image_sets)")
     ap.add_argument("--video-set", action="append", metavar="NAME=DIR",
                     help="an MSR-VTT-style folder (repeatable; replaces evaluate.video_sets)")
+    ap.add_argument("--zero-shot", metavar="DIR",
+                    help="a generated set to classify zero-shot (overrides evaluate.zero_shot_root)")
     ap.add_argument("--no-zero-shot", action="store_true", help="skip zero-shot classification")
     ap.add_argument("--metrics-dir", help="overrides evaluate.metrics_dir")
     ap.add_argument("--plots-dir", help="overrides evaluate.plots_dir")
@@ -270,13 +277,22 @@ def run(args: argparse.Namespace) -> int:
                        ("video_sets", _named_paths(args.video_set, "--video-set"))):
         if value is not None:
             overrides[key] = value
-    if args.image_set is not None and args.video_set is None:
-        overrides["video_sets"] = {}  # naming image sets on the command line means: only those
-    if args.video_set is not None and args.image_set is None:
-        overrides["image_sets"] = {}
+    named = {"image_sets": args.image_set, "video_sets": args.video_set, "zero_shot_root": args.zero_shot}
+    if any(v is not None for v in named.values()):
+        # Naming sets on the command line means: only those (one dvc stage per set relies on it).
+        for key, value in named.items():
+            if value is None:
+                overrides[key] = "" if key == "zero_shot_root" else {}
+    if args.zero_shot is not None:
+        if not args.zero_shot:
+            raise ValueError("--zero-shot: give a generated set's folder (e.g. data/generated)")
+        overrides["zero_shot_root"] = args.zero_shot
     if args.no_zero_shot:
         overrides["zero_shot_root"] = ""
     p = load_params(args.params, "evaluate", EvaluateParams, overrides)
+    if not (p.image_sets or p.video_sets or p.zero_shot_root):
+        raise ValueError(f"nothing to evaluate: {args.params}:evaluate has no image_sets, no video_sets and an "
+                         "empty zero_shot_root (and none was named with --image-set / --video-set / --zero-shot)")
     results = run_stage(p)
     summary = {name: {k: round(v, 2) for k, v in r["record"]["metrics"].items() if "R@1" in k or "top1" in k}
                for name, r in results.items()}

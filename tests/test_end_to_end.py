@@ -19,7 +19,8 @@ from tests.tiny_config import save_tiny_lm, write_tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, campe
-STAGES = ["generate", "download", "cache", "train", "evaluate"]
+EVAL_STAGES = ["evaluate_image@generated", "evaluate_video@generated_msrvtt", "evaluate_zero_shot"]
+STAGES = ["generate", "download", "cache", "train", *EVAL_STAGES]
 
 
 def _copy_repo(dst: Path) -> Path:
@@ -96,7 +97,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo):
     _recalls(vid, ("v2t", "t2v"))
     zs = json.loads((repo / "metrics/eval/zero_shot.json").read_text())["metrics"]
     assert all(0 <= v <= 100 for v in zs.values()) and zs
-    assert (repo / "plots/eval/generated_recall.png").stat().st_size > 0
+    assert (repo / "plots/eval/generated/generated_recall.png").stat().st_size > 0
+    assert (repo / "plots/eval/generated_msrvtt/generated_msrvtt_recall.png").stat().st_size > 0
 
     # The MLflow SQLite store in the repo holds the training run, with its step and eval metrics.
     from mlflow.tracking import MlflowClient
@@ -112,14 +114,14 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo):
     assert "Data and pipelines are up to date" in _sh(repo, str(BIN / "dvc"), "status")
 
 
-def test_changing_a_train_param_reruns_exactly_train_and_evaluate(tiny_repo):
+def test_changing_a_train_param_reruns_exactly_train_and_the_eval_stages(tiny_repo):
     repo, _ = tiny_repo
     before = (repo / "metrics/eval/generated.json").read_text()
     params = repo / "params.yaml"
     cfg = yaml.safe_load(params.read_text())
     cfg["train"]["steps"] -= 2
     params.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    assert _repro(repo) == ["train", "evaluate"]
+    assert _repro(repo) == ["train", *EVAL_STAGES]
     assert json.loads((repo / "metrics/train.json").read_text())["steps"] == cfg["train"]["steps"]
     assert json.loads(before)["checkpoint"] == json.loads((repo / "metrics/eval/generated.json").read_text())[
         "checkpoint"]

@@ -145,6 +145,36 @@ def test_campe_evaluate_on_a_trained_checkpoint_logs_into_its_mlflow_run(tiny_ge
         a.path for a in client.list_artifacts(run_id, "eval/plots")}
     assert {"eval/gen.json", "eval/plots/gen_recall.png", "eval/plots/gen_examples.png"} <= names
 
+    # `--zero-shot DIR` alone (the evaluate_zero_shot dvc stage): only zero-shot, the configured sets are cleared.
+    args = ap.parse_args(["--params", str(params), "--checkpoint", str(out), "--zero-shot", str(root),
+                          "--metrics-dir", str(tmp_path / "zs"), "--plots-dir", str(tmp_path / "zs_plots")])
+    assert stage.run(args) == 0
+    assert sorted(f.name for f in (tmp_path / "zs").iterdir()) == ["zero_shot.json"]
+    assert json.loads((tmp_path / "zs" / "zero_shot.json").read_text())["dataset"] == "generated_zero_shot"
+
     # A checkpoint folder that is not a finished training run: a clear error naming it.
     with pytest.raises(FileNotFoundError, match=r"model.pt: not found.*campe train"):
         stage.run_stage(stage.EvaluateParams(checkpoint=str(tmp_path / "nope")))
+
+
+def _cli_args(params, *argv):
+    import argparse
+
+    import stages.evaluate as stage
+    ap = argparse.ArgumentParser()
+    stage.add_arguments(ap)
+    return stage, ap.parse_args(["--params", str(params), *argv])
+
+
+def test_campe_evaluate_refuses_to_evaluate_nothing(tmp_path):
+    """One dvc stage per set names its set on the command line; an empty selection is an error naming the fix."""
+    import yaml
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {"image_sets": {}, "video_sets": {}, "zero_shot_root": ""}}))
+    stage, args = _cli_args(params, "--checkpoint", str(tmp_path / "no-such-model"))
+    with pytest.raises(ValueError, match="nothing to evaluate.*params.yaml:evaluate"):
+        stage.run(args)
+    stage, args = _cli_args(params, "--zero-shot", "")
+    with pytest.raises(ValueError, match="--zero-shot: give a generated set"):
+        stage.run(args)
+
