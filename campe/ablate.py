@@ -24,6 +24,7 @@ The grid: every method in `ablate.methods` with the contrastive kind `ablate.kin
     4. <cell>/cell.json (written last, atomically) marks the cell finished; after every cell the table is rewritten
        from all finished cells: `ablate.table_md` (Markdown) and `ablate.table_csv` (long CSV: variant, method,
        kind, dataset, metric, mean, std, n, seeds). std is the sample standard deviation (n - 1); empty for n = 1.
+       `ablate.plot` shows the headline metrics per variant: mean bar, std error bar and every seed as a dot.
 
 Resumable: a finished cell (cell.json whose config hash matches) is skipped; a cell killed during training
 continues from its checkpoint (train(resume=True), exact on CPU); killed during evaluation, it re-evaluates; caches
@@ -87,6 +88,7 @@ class AblateParams:
     experiment: str = "campe-ablation"  # MLflow experiment of the cells ("" = the train section's)
     table_md: str = "metrics/ablation.md"
     table_csv: str = "metrics/ablation.csv"
+    plot: str = "plots/ablation.png"  # per-seed values, mean and std of the headline metrics ("" = no picture)
 
     def validate(self) -> None:
         for m in self.methods + self.all_kinds_for:
@@ -336,11 +338,30 @@ def table_markdown(rows: list[dict[str, Any]], ap: AblateParams, cells_done: int
     return "\n".join(lines)
 
 
+def plot_panels(records: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, list[float]]]:
+    """The picture's panels, {"<set> <metric>": {variant: [value of each finished seed]}}: a retrieval set's rsum
+    (sum of its six recalls), a zero-shot set's top-1 accuracies."""
+    datasets = list(dict.fromkeys(ds for r in records for ds in r["metrics"]))
+    panels: dict[str, dict[str, list[float]]] = {}
+    for ds in datasets:
+        names = list(dict.fromkeys(m for r in records for m in r["metrics"].get(ds, {})))
+        for metric in ["rsum"] if "rsum" in names else [m for m in names if m.endswith("_top1")]:
+            by = {v: [r["metrics"][ds][metric] for r in records
+                      if r["variant"] == v and metric in r["metrics"].get(ds, {})] for v in variants}
+            panels[f"{ds} {metric}"] = {v: vals for v, vals in by.items() if vals}
+    return panels
+
+
 def write_tables(ap: AblateParams) -> list[dict[str, Any]]:
     records = finished_records(ap)
     rows = summarize(records, variants_of(ap))
     atomic_write_bytes(ap.table_csv, table_csv(rows).encode())
     atomic_write_bytes(ap.table_md, table_markdown(rows, ap, len(records), len(grid(ap))).encode())
+    panels = plot_panels(records, variants_of(ap))
+    if ap.plot and panels:
+        from campe.plots import seed_spread_bars
+        seed_spread_bars(panels, ap.plot, title=f"ablation {ap.name}: mean ± std over seeds, dots = seeds "
+                                                f"({len(records)}/{len(grid(ap))} cells)")
     return rows
 
 
@@ -393,6 +414,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--eval-sets", nargs="+", choices=EVAL_SETS, help="override ablate.eval_sets")
     ap.add_argument("--table-md", help="override ablate.table_md")
     ap.add_argument("--table-csv", help="override ablate.table_csv")
+    ap.add_argument("--plot", help="override ablate.plot (\"\" = no picture)")
     ap.add_argument("--table-only", action="store_true", help="only (re)write the table from the finished cells")
 
 
@@ -400,7 +422,8 @@ def run(args: argparse.Namespace) -> int:
     raw, base = load_sections(args.params)
     over = {k: v for k, v in {"name": args.name, "root": args.root, "methods": args.methods, "seeds": args.seeds,
                               "steps": args.steps, "epochs": args.epochs, "eval_sets": args.eval_sets,
-                              "table_md": args.table_md, "table_csv": args.table_csv}.items() if v is not None}
+                              "table_md": args.table_md, "table_csv": args.table_csv, "plot": args.plot}.items()
+            if v is not None}
     if args.methods is not None and "all_kinds_for" not in over:
         over["all_kinds_for"] = [m for m in raw.get("all_kinds_for", AblateParams().all_kinds_for)
                                  if m in args.methods]
@@ -408,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
     if args.table_only:
         ap.validate()
         rows = write_tables(ap)
-        print(json.dumps({"rows": len(rows), "table_md": ap.table_md, "table_csv": ap.table_csv}))
+        print(json.dumps({"rows": len(rows), "table_md": ap.table_md, "table_csv": ap.table_csv, "plot": ap.plot}))
         return 0
     out = run_ablation(ap, base, str(args.params))
     print(json.dumps({k: out[k] for k in ("cells", "ran", "skipped", "seconds")}

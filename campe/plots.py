@@ -140,3 +140,33 @@ def recall_bars(metrics: dict, out_png: str | Path, title: str | None = None) ->
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+def seed_spread_bars(panels: dict[str, dict[str, list[float]]], out_png: str | Path, title: str | None = None) -> Path:
+    """One panel per {panel title: {variant: [value per seed]}}: a bar at the mean, an error bar of the sample std
+    (n - 1; none for one seed) and every seed's value as a dot, so the spread is seen, not only summarised."""
+    if not panels or not any(panels.values()):
+        raise ValueError("seed_spread_bars: nothing to plot (no panel has a variant with values)")
+    panels = {k: v for k, v in panels.items() if v}
+    n_var = max(len(v) for v in panels.values())
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * (0.5 * n_var + 1.5), rows * 3.6), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (name, by_variant) in zip(axes.flat, panels.items()):
+        labels = list(by_variant)
+        x = np.arange(len(labels))
+        vals = [np.asarray(by_variant[v], dtype=float) for v in labels]
+        means = [v.mean() for v in vals]
+        stds = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]
+        ax.bar(x, means, 0.7, yerr=stds, capsize=3, color="#9ecae1", edgecolor="#3182bd")
+        for i, v in enumerate(vals):
+            ax.plot(np.full(len(v), x[i]) + np.linspace(-0.15, 0.15, len(v)), v, "o", ms=3, color="#08519c")
+        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)

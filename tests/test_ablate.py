@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from campe import ablate
 from campe.ablate import AblateParams, Cell, grid, layout_key
@@ -53,7 +54,7 @@ def _ap(tmp: Path, **kw) -> AblateParams:
                            "kinds": ["softmax"], "all_kinds_for": [], "seeds": [0, 1], "steps": 3,
                            "eval_sets": ["image", "video"], "experiment": "abl-test",
                            "table_md": str(tmp / "out" / "ablation.md"), "table_csv": str(tmp / "out" / "ablation.csv"),
-                           **kw})
+                           "plot": str(tmp / "out" / "ablation.png"), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,14 @@ def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
             assert (r["n"], r["seeds"]) == ("2", "0 1")
     assert {r["metric"] for r in rows if r["dataset"] == "gen"} >= {
         "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"}
+
+    # The picture's panels hold every seed's value, as in the metrics files; the PNG is written.
+    panels = ablate.plot_panels(ablate.finished_records(ap), ablate.variants_of(ap))
+    assert set(panels) == {"gen rsum", "gen_video rsum"}
+    for (variant, ds), ms in per.items():
+        assert panels[f"{ds} rsum"][variant] == [m["rsum"] for m in ms]
+    with Image.open(ap.plot) as im:
+        assert im.size[0] > 200 and im.size[1] > 200
 
     # Markdown: a table per eval set, one row per variant, cells "mean ± std" equal to the CSV's.
     md = Path(ap.table_md).read_text()
