@@ -75,12 +75,26 @@ def test_missing_section_and_missing_file(tmp_path):
         load_params(tmp_path / "nope.yaml", "download", DownloadParams)
 
 
-def _dvc_params_refs(dvc: dict) -> tuple[set[str], list[str]]:
-    """Params keys named by dvc.yaml (params lists and ${...} templates) and its dep paths."""
+def _expand_foreach(dvc: dict, params: dict) -> dict[str, dict]:
+    """dvc.yaml's stages with each `foreach: ${dict}` stage expanded into <name>@<key> (${key}, ${item} filled)."""
+    out = {}
+    for name, stage in dvc["stages"].items():
+        if "foreach" not in stage:
+            out[name] = stage
+            continue
+        ref = re.fullmatch(r"\$\{([a-zA-Z0-9_.]+)\}", stage["foreach"]).group(1)
+        for key, item in _lookup(params, ref).items():
+            body = yaml.safe_dump(stage["do"]).replace("${key}", str(key)).replace("${item}", str(item))
+            out[f"{name}@{key}"] = yaml.safe_load(body)
+    return out
+
+
+def _dvc_params_refs(stages: dict[str, dict]) -> tuple[set[str], list[str]]:
+    """Params keys named by the stages (params lists and ${...} templates) and their dep paths."""
     keys, deps = set(), []
-    text = yaml.safe_dump(dvc)
+    text = yaml.safe_dump(stages)
     keys |= set(re.findall(r"\$\{([a-zA-Z0-9_.]+)\}", text))
-    for stage in dvc["stages"].values():
+    for stage in stages.values():
         for entry in stage.get("params", []):
             keys |= {entry} if isinstance(entry, str) else set()
         deps += stage.get("deps", [])
@@ -99,18 +113,21 @@ def _lookup(params: dict, dotted: str):
 def test_dvc_yaml_names_only_existing_params_and_deps():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     params = read_yaml(ROOT / "params.yaml")
-    keys, deps = _dvc_params_refs(dvc)
+    stages = _expand_foreach(dvc, params)
+    assert {"evaluate_image@generated", "evaluate_video@generated_msrvtt", "evaluate_zero_shot"} <= set(stages)
+    keys, deps = _dvc_params_refs(stages)
     assert keys, "dvc.yaml names no params"
     for key in keys:
         _lookup(params, key)  # KeyError names a key that params.yaml lacks
-    outs = [o if isinstance(o, str) else next(iter(o)) for s in dvc["stages"].values() for o in s.get("outs", [])]
+    outs = [o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s.get("outs", [])]
     resolve = lambda s: re.sub(r"\$\{([a-zA-Z0-9_.]+)\}", lambda m: str(_lookup(params, m.group(1))), s)  # noqa: E731
     for dep in map(resolve, deps):
         produced = any(dep == resolve(o) or dep.startswith(resolve(o).rstrip("/") + "/") for o in outs)
         assert produced or (ROOT / dep).exists(), f"dvc.yaml dep {dep} neither exists nor is a stage output"
-    for name, stage in dvc["stages"].items():
-        assert any(d.startswith("stages/") for d in stage["deps"]), f"stage {name} does not list its script"
-        assert stage["cmd"].startswith(f"campe {name}"), name
+    for name, stage in stages.items():
+        scripts = [d for d in stage["deps"] if d.startswith("stages/")]
+        assert len(scripts) == 1, f"stage {name} does not list its script"
+        assert stage["cmd"].startswith(f"campe {Path(scripts[0]).stem} "), name  # the subcommand of that script
 
 
 def test_cli_commands_resolve_and_unknown_command_fails(capsys):
