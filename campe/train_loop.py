@@ -116,7 +116,7 @@ class TrainParams:
     tracking_uri: str = "sqlite:///mlflow.db"  # MLflow store; "" = no MLflow
     experiment: str = "campe"
     artifact_root: str = "mlartifacts"  # a new experiment stores its artifacts in <artifact_root>/<experiment>
-    run_name: str = ""  # "" = the method
+    run_name: str = ""  # MLflow run name; "" = train/<method>/<UTC date>
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -487,7 +487,9 @@ def set_rng_state(s: dict[str, Any]) -> None:
 class Tracker:
     """One MLflow run through explicit run ids (MlflowClient), never the fluent thread-local active run."""
 
-    def __init__(self, tp: TrainParams, run_id: str | None = None):
+    def __init__(self, tp: TrainParams, run_id: str | None = None, params_hash: str = ""):
+        """A new run (named train/<method>/<UTC date> unless train.run_name is set, tagged with the git commit and
+        the params hash) or, with run_id, the run a resumed training continues."""
         from mlflow.tracking import MlflowClient
         self.client = MlflowClient(tracking_uri=tp.tracking_uri)
         exp = self.client.get_experiment_by_name(tp.experiment)
@@ -500,7 +502,13 @@ class Tracker:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run = self.client.create_run(exp_id, run_name=tp.run_name or tp.method, tags={"method": tp.method})
+            from campe.io import git_commit, utc_stamp
+            tags = {"method": tp.method, "campe.stage": "train", "campe.params_hash": params_hash}
+            commit = git_commit()
+            if commit:
+                tags["mlflow.source.git.commit"] = commit
+            run = self.client.create_run(exp_id, run_name=tp.run_name or f"train/{tp.method}/{utc_stamp()}",
+                                         tags=tags)
             self.run_id = run.info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -734,7 +742,7 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
         atomic_write_json(out / "train_config.json", {"config": config_dict, "params_hash": cfg.hash(),
                                                       "resume_hash": cfg.hash(runtime=False)})
         if tp.tracking_uri:
-            tracker = Tracker(tp, run_id)
+            tracker = Tracker(tp, run_id, params_hash=cfg.hash())
             new_run, run_id = run_id is None, tracker.run_id
             (out / RUN_ID_FILE).write_text(run_id + "\n")
             if new_run:

@@ -30,16 +30,15 @@ import dataclasses
 import hashlib
 import json
 import math
-import subprocess
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 
 from campe.config import load_params, read_yaml
+from campe.io import git_commit, utc_stamp
 from campe.multiprompt import MultiPromptConfig
 from campe.synth import SynthParams
 from campe.train_loop import RUN_ID_FILE, TrainParams
@@ -78,15 +77,6 @@ def params_hash(params_file: str, sections: tuple[str, ...]) -> str:
     data = read_yaml(params_file)
     blob = json.dumps({k: data.get(k) for k in sections}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def git_commit(cwd: str | None = None) -> str | None:
-    """HEAD's commit of the git repository around `cwd` (None outside a repository or without git)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 @dataclass
@@ -137,7 +127,7 @@ def start_parent_run(params_file: str, flow_run_id: str | None) -> RunContext | 
         tags["mlflow.source.git.commit"] = commit
     if flow_run_id:
         tags["prefect.flow_run_id"] = str(flow_run_id)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    date = utc_stamp()
     ctx = RunContext(tp.tracking_uri, exp_id, "", params_file, tp.method, date, tags)
     all_sections = tuple(dict.fromkeys(s for v in STAGE_SECTIONS.values() for s in v))
     run = client.create_run(exp_id, run_name=ctx.run_name("flow"),

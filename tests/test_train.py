@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from campe.config import ConfigError
+from campe.io import git_commit
 from campe.train_loop import (CKPT, FINAL, LOG_FILE, METHODS, RUN_ID_FILE, MemoryPairs, build_run_model,
                               load_trained_model, lr_factor, make_optimizer, read_log, resolve_run_config,
                               split_decay, train)
@@ -221,6 +223,11 @@ def test_mlflow_run_has_params_step_metrics_artifacts_and_run_id_file(trained):
     p = run.data.params
     assert p["method"] == "vanilla" and p["train.lr"] == "0.002" and p["model.width"] == "64"
     assert p["loss.kind"] == "softmax" and len(p["params_hash"]) == 12 and p["total_steps"] == "200"
+    # Named stage/config/date, tagged with the params hash and (inside a git checkout) the commit.
+    assert re.fullmatch(r"train/vanilla/\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", run.info.run_name), run.info.run_name
+    tags = run.data.tags
+    assert tags["campe.params_hash"] == p["params_hash"] and tags["campe.stage"] == "train"
+    assert tags.get("mlflow.source.git.commit") == git_commit()
     history = client.get_metric_history(run_id, "contrastive_loss")
     csv_rows = read_log(out / LOG_FILE)
     assert sorted(m.step for m in history) == list(range(1, 201))
