@@ -228,6 +228,23 @@ def cache_shard_path(image_shard: str | Path, shards_dir: str | Path, cache_dir:
     return Path(cache_dir) / rel.with_suffix(SHARD_SUFFIX)
 
 
+def tar_source_digest(path: str | Path) -> str:
+    """sha256 over a webdataset tar's member names, in order, and its captions (.txt): what a cache shard depends on.
+    Training zips an image shard with its cache shard sample by sample, so a re-download that only reorders the
+    samples (img2dataset's threads write in completion order) makes the cache shard stale too. Image bytes are
+    seeked over, not read."""
+    h = hashlib.sha256()
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                h.update(m.name.encode() + b"\0")
+                if m.isfile() and m.name.endswith(".txt"):
+                    h.update(tar.extractfile(m).read() + b"\0")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise CacheCorruptError(f"image shard {path} is unreadable ({e}); re-download it (campe download)") from None
+    return h.hexdigest()
+
+
 def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a webdataset tar, in file order (members grouped by key)."""
     key, parts = None, {}

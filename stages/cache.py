@@ -14,7 +14,8 @@ manifest does not match its `text_encoder` params (see campe/cache.py).
 
 Resumable and atomic: a shard is written to a hidden temp name, fsynced and renamed, so a killed run leaves no
 shard that a later run or training would read; a re-run skips finished shards, redoes ones whose footer is
-unreadable or whose image shard changed, and removes temp files left by a killed run. `--repair` also reads every
+unreadable or whose image shard changed (size, or a digest of its sample names, order and captions:
+a re-download may reorder samples), and removes temp files left by a killed run. `--repair` also reads every
 finished shard in full (page checksums, every row) and redoes the ones that fail. Out of disk mid-shard: the temp
 file is removed and the error says so. Captions are batched by token length within windows of 16 batches (less
 padding); rows are stored in the tar's order. `--limit N` caches only the first N captions (in shard order).
@@ -40,7 +41,7 @@ import torch
 from campe.cache import (
     CACHE_DTYPES, MANIFEST, MANIFEST_COMPARED, CacheCorruptError, CacheError, CacheMismatchError, LayoutMaker,
     ShardWriter, _image_bytes, _shard_samples, cache_manifest, cache_shard_path, is_disk_full, iter_tar_samples,
-    manifest_differences, remove_stale_temps, shard_meta, verify_cache_shard)
+    manifest_differences, remove_stale_temps, shard_meta, tar_source_digest, verify_cache_shard)
 from campe.config import load_params
 from campe.io import atomic_write_json
 from campe.multiprompt import MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
@@ -122,8 +123,8 @@ def _shard_state(path: Path, tar: str, budget: int | None, repair: bool) -> tupl
         meta = verify_cache_shard(path) if repair else shard_meta(path)
     except CacheCorruptError as e:
         return "todo", f"unreadable, redoing it: {e}"
-    if meta.get("source_bytes") != os.path.getsize(tar):
-        return "todo", f"{tar} changed since it was cached, redoing it"
+    if meta.get("source_bytes") != os.path.getsize(tar) or meta.get("source_digest") != tar_source_digest(tar):
+        return "todo", f"{tar} changed since it was cached (its samples, captions or their order), redoing it"
     if meta.get("complete") or (budget is not None and meta.get("rows", 0) >= budget):
         return "done", ""
     return "todo", "cut short by an earlier --limit run, completing it"
@@ -152,7 +153,8 @@ def _cache_shard(encoder: MultiPromptTextEncoder, maker: LayoutMaker, tar: str, 
                  p: CacheParams, device: torch.device, bar) -> int:
     """Write one cache shard (atomically); returns its rows."""
     window_size = p.batch_size * BUCKET_BATCHES if p.length_bucketing else p.batch_size
-    meta = {"source": os.path.relpath(tar, p.shards_dir), "source_bytes": os.path.getsize(tar)}
+    meta = {"source": os.path.relpath(tar, p.shards_dir), "source_bytes": os.path.getsize(tar),
+            "source_digest": tar_source_digest(tar)}
     n, skipped, complete = 0, 0, True
     with ShardWriter(path, p.dtype, encoder.lm.config.hidden_size, meta) as w:
         window: list[tuple[str, str]] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import resource
 import subprocess
@@ -23,7 +24,7 @@ from transformers import AutoModel  # noqa: E402
 
 from campe.cache import (  # noqa: E402
     CacheCorruptError, CacheError, CacheMismatchError, CacheMissingError, CachedTextTower,
-    check_manifest, collate_samples, open_training_data, read_cache_shard)
+    cache_shard_path, check_manifest, collate_samples, open_training_data, read_cache_shard)
 from campe.losses import CampeObjective, total_loss  # noqa: E402
 from campe.model import build_model  # noqa: E402
 from campe.multiprompt import build_text_encoder, resolve_model_path  # noqa: E402
@@ -302,11 +303,38 @@ def test_cache_of_other_image_shards_is_detected(shards, tmp_path, make_encoder)
     a.write_bytes(b.read_bytes())  # a readable shard, but of another tar
     with pytest.raises(CacheCorruptError, match=rf"{a} does not match .*00000\.tar.*--repair"):
         all_batches(open_training_data(shards, out, enc))
-    tars = sorted(shards.glob("pass-*/*.tar"))
-    if tars[0].stat().st_size != tars[1].stat().st_size:  # the stage tells tars apart by size
-        s = cache(shards, out, enc)
-        assert s["shards_written"] == 1 and "changed since it was cached" not in str(s)
-        assert sum(len(x["keys"]) for x in all_batches(open_training_data(shards, out, enc))) == 48
+    s = cache(shards, out, enc)  # the stage sees it is another tar's (size / digest of names and captions)
+    assert s["shards_redone"] == [str(a)] and s["shards_written"] == 1
+    assert sum(len(x["keys"]) for x in all_batches(open_training_data(shards, out, enc))) == 48
+
+
+def test_reordered_image_shard_same_size_is_recached(shards, tmp_path, make_encoder):
+    """A re-download can write the same samples in another order (img2dataset's threads): same tar size, stale cache.
+    The stage must redo that shard, and training then reads it without a mismatch."""
+    import shutil
+    import tarfile
+    enc = make_encoder("llama")
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    out = tmp_path / "cache"
+    cache(copy, out, enc)
+    tar_path = sorted(copy.glob("pass-*/*.tar"))[1]
+    with tarfile.open(tar_path) as tf:
+        members = [(m, tf.extractfile(m).read() if m.isfile() else None) for m in tf.getmembers()]
+    keys = list(dict.fromkeys(m.name.split(".")[0] for m, _ in members))
+    keys[0], keys[1] = keys[1], keys[0]  # swap the first two samples
+    size = tar_path.stat().st_size
+    with tarfile.open(tar_path, "w") as tf:
+        for k in keys:
+            for m, data in members:
+                if m.name.split(".")[0] == k:
+                    tf.addfile(m, io.BytesIO(data) if data is not None else None)
+    assert tar_path.stat().st_size == size  # the old size-only check could not see it
+    with pytest.raises(CacheCorruptError, match="does not match"):
+        all_batches(open_training_data(copy, out, enc))
+    s = cache(copy, out, enc)
+    assert s["shards_written"] == 1 and s["shards_redone"] == [str(cache_shard_path(tar_path, copy, out))]
+    assert sum(len(x["keys"]) for x in all_batches(open_training_data(copy, out, enc))) == 48
 
 
 # ------------------------------------------------------------------------------------------------ resume, limit
