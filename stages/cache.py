@@ -123,7 +123,9 @@ def _shard_state(path: Path, tar: str, budget: int | None, repair: bool) -> tupl
         meta = verify_cache_shard(path) if repair else shard_meta(path)
     except CacheCorruptError as e:
         return "todo", f"unreadable, redoing it: {e}"
-    if meta.get("source_bytes") != os.path.getsize(tar) or meta.get("source_digest") != tar_source_digest(tar):
+    if "source_digest" not in meta:
+        return "todo", "cached by an older campe (no digest of its image shard), redoing it"
+    if meta.get("source_bytes") != os.path.getsize(tar) or meta["source_digest"] != tar_source_digest(tar):
         return "todo", f"{tar} changed since it was cached (its samples, captions or their order), redoing it"
     if meta.get("complete") or (budget is not None and meta.get("rows", 0) >= budget):
         return "done", ""
