@@ -1,11 +1,15 @@
 """Reading the download stage's webdataset shards.
 
-    from campe.shards import shard_paths, iter_samples
+    from campe.shards import shard_paths, iter_samples, sort_shard
     for s in iter_samples("data/shards/train"):    # {"__key__", "jpg": PIL.Image, "txt": str, "json": dict}
         ...
+    sort_shard("data/shards/train/pass-00/00000.tar")   # samples in key order (the download stage does this)
 """
 from __future__ import annotations
 
+import os
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,3 +33,42 @@ def iter_samples(root: str | Path, decode: str = "pil") -> Iterator[dict[str, An
         return iter(())
     ds = wds.WebDataset(paths, shardshuffle=False, empty_check=False).decode(decode)
     return iter(ds)
+
+
+def sample_key(member_name: str) -> str:
+    """webdataset's grouping: `dir/0000012.jpg` -> `dir/0000012` (everything before the basename's first dot)."""
+    head, base = os.path.split(member_name)
+    return os.path.join(head, base.partition(".")[0])
+
+
+def sort_shard(path: str | Path) -> bool:
+    """Rewrite a webdataset tar with its samples in key order, atomically; False (and untouched) if already so.
+
+    img2dataset's download threads write samples in completion order, so two downloads of one URL list give the
+    same samples in different orders, and training (which reads shards in file order) would see other batches.
+    Keys are the row order within a shard, so sorting makes a re-download train the same model. Members are
+    copied by seeking, not loaded: memory stays at one member."""
+    path = Path(path)
+    with tarfile.open(path, mode="r:") as tar:
+        members = tar.getmembers()  # headers only: the data is seeked over
+        keys = list(dict.fromkeys(sample_key(m.name) for m in members))
+        if keys == sorted(keys):
+            return False
+        by_key: dict[str, list[tarfile.TarInfo]] = {}
+        for m in members:
+            by_key.setdefault(sample_key(m.name), []).append(m)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                with tarfile.open(fileobj=f, mode="w", format=tar.format) as out:
+                    for key in sorted(by_key):
+                        for m in by_key[key]:
+                            out.addfile(m, tar.extractfile(m) if m.isfile() else None)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    return True

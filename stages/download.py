@@ -9,7 +9,9 @@ Layout of the output folder (one sub-folder per pass; every pass is plain img2da
     <out>/pass-00/00000.tar|.parquet|_stats.json
     <out>/pass-01/...                 a --retry-failed pass: only the rows that had failed so far
     <out>/fingerprint.json            what the shards were made from (list hash + parameters)
-`uid` is the row's index in the original URL list; a sample counts as downloaded if any pass fetched it.
+`uid` is the row's index in the original URL list; a sample counts as downloaded if any pass fetched it. Each
+finished tar is rewritten with its samples in key order (campe.shards.sort_shard), so a re-download is the same
+training data in the same order.
 
 Incremental: img2dataset's own incremental mode skips shards that have a `_stats.json`, so a re-run (or a run
 after a kill) only does the unfinished shards. The stats roll-up reads finished shards only.
@@ -32,6 +34,7 @@ from typing import Any
 
 from campe.config import load_params
 from campe.io import atomic_write_json
+from campe.shards import shard_paths, sort_shard
 
 INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
@@ -255,6 +258,11 @@ def download_stage(p: DownloadParams, retry_failed: bool = False, overwrite: boo
             print(f"campe download: retrying {len(todo)} failed samples in {out / name}")
             attempted += len(todo)
             _run_img2dataset(nxt, out / name, p)
+    # Samples in key order (= URL-list order within a shard), whatever order the download threads finished in: a
+    # re-download then gives the same training data order, and the cache stage keeps its shards.
+    resorted = sum(sort_shard(t) for t in shard_paths(out))
+    if resorted:
+        print(f"campe download: put the samples of {resorted} shard(s) in key order")
     stats = roll_up_stats(out, len(df), time.perf_counter() - t0, attempted)
     stats["url_list"] = str(list_path)
     atomic_write_json(p.stats_file, stats)

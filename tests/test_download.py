@@ -7,13 +7,14 @@ import http.server
 import json
 import shutil
 import socket
+import tarfile
 import threading
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from campe.shards import iter_samples, shard_paths
+from campe.shards import iter_samples, sample_key, shard_paths, sort_shard
 from stages.download import DownloadError, DownloadParams, download_stage, read_url_list
 
 
@@ -65,6 +66,9 @@ def test_file_urls_shards_stats_and_retry_failed(broken_list):
         assert s["json"]["image_id"] == df.loc[uid, "image_id"]
         assert s["jpg"].size == (32, 32)
     assert len(shard_paths(p.output_dir)) == -(-len(df) // p.number_sample_per_shard)
+    for t in shard_paths(p.output_dir):  # in key order, whatever order img2dataset's threads wrote them in
+        keys = list(dict.fromkeys(sample_key(n) for n in tarfile.open(t).getnames()))
+        assert keys == sorted(keys), t
 
     # A plain re-run is incremental: finished shards are not rewritten.
     mtimes = {t: Path(t).stat().st_mtime_ns for t in shard_paths(p.output_dir)}
@@ -171,3 +175,32 @@ def test_bad_url_lists_give_clear_errors(case, tmp_path):
     with pytest.raises(DownloadError, match=match):
         download_stage(p)
     assert not Path(p.output_dir).exists() or not list(Path(p.output_dir).rglob("*.tar"))
+
+
+def test_sort_shard_puts_samples_in_key_order_keeping_every_member(tmp_path):
+    """A tar written in completion order is rewritten in key order, byte-equal members, atomically; a sorted tar is
+    left untouched."""
+    import io
+    import random
+    rng = random.Random(0)
+    keys = [f"{i:07d}" for i in range(12)]
+    shuffled = keys[:]
+    rng.shuffle(shuffled)
+    content = {f"{k}.{ext}": rng.randbytes(rng.randint(1, 3000)) for k in keys for ext in ("jpg", "txt", "json")}
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for k in shuffled:
+            for ext in ("jpg", "txt", "json"):
+                info = tarfile.TarInfo(f"{k}.{ext}")
+                info.size = len(content[info.name])
+                tar.addfile(info, io.BytesIO(content[info.name]))
+    assert sort_shard(path) is True
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+        got = {n: tar.extractfile(n).read() for n in names}
+    assert list(dict.fromkeys(sample_key(n) for n in names)) == keys
+    assert names[:3] == ["0000000.jpg", "0000000.txt", "0000000.json"]  # members of a sample keep their order
+    assert got == content
+    mtime = path.stat().st_mtime_ns
+    assert sort_shard(path) is False and path.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == ["00000.tar"]  # no temp file left
