@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from campe.multiprompt import MultiPromptTextEncoder, PromptLayout
+from campe.shards import sample_key
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -256,8 +257,7 @@ def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]
                 base = os.path.basename(m.name)
                 if base.startswith("."):
                     continue
-                k, _, ext = base.partition(".")
-                k = os.path.join(os.path.dirname(m.name), k)
+                k, ext = sample_key(m.name), base.partition(".")[2]
                 data = tar.extractfile(m).read()
                 if k != key:
                     if key is not None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from campe.io import atomic_file
 
 
 def shard_paths(root: str | Path) -> list[str]:
@@ -57,18 +58,8 @@ def sort_shard(path: str | Path) -> bool:
         by_key: dict[str, list[tarfile.TarInfo]] = {}
         for m in members:
             by_key.setdefault(sample_key(m.name), []).append(m)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                with tarfile.open(fileobj=f, mode="w", format=tar.format) as out:
-                    for key in sorted(by_key):
-                        for m in by_key[key]:
-                            out.addfile(m, tar.extractfile(m) if m.isfile() else None)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path) as f, tarfile.open(fileobj=f, mode="w", format=tar.format) as out:
+            for key in sorted(by_key):
+                for m in by_key[key]:
+                    out.addfile(m, tar.extractfile(m) if m.isfile() else None)
     return True

@@ -188,6 +188,10 @@ def test_sort_shard_puts_samples_in_key_order_keeping_every_member(tmp_path):
     rng.shuffle(shuffled)
     content = {f"{k}.{ext}": rng.randbytes(rng.randint(1, 3000)) for k in keys for ext in ("jpg", "txt", "json")}
     path = tmp_path / "00000.tar"
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")  # the permissions a plain open() gives (the rewrite must keep the shard readable)
+    plain_mode = plain.stat().st_mode
+    plain.unlink()
     with tarfile.open(path, "w") as tar:
         for k in shuffled:
             for ext in ("jpg", "txt", "json"):
@@ -201,6 +205,7 @@ def test_sort_shard_puts_samples_in_key_order_keeping_every_member(tmp_path):
     assert list(dict.fromkeys(sample_key(n) for n in names)) == keys
     assert names[:3] == ["0000000.jpg", "0000000.txt", "0000000.json"]  # members of a sample keep their order
     assert got == content
+    assert path.stat().st_mode == plain_mode
     mtime = path.stat().st_mtime_ns
     assert sort_shard(path) is False and path.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == ["00000.tar"]  # no temp file left
