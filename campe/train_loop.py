@@ -487,9 +487,10 @@ def set_rng_state(s: dict[str, Any]) -> None:
 class Tracker:
     """One MLflow run through explicit run ids (MlflowClient), never the fluent thread-local active run."""
 
-    def __init__(self, tp: TrainParams, run_id: str | None = None, params_hash: str = ""):
+    def __init__(self, tp: TrainParams, run_id: str | None = None, config_hash: str = ""):
         """A new run (named train/<method>/<UTC date> unless train.run_name is set, tagged with the git commit and
-        the params hash) or, with run_id, the run a resumed training continues."""
+        `campe.config_hash`, the resolved config's hash that is also its `params_hash` param) or, with run_id, the
+        run a resumed training continues. (`campe.params_hash` is the flow's tag: the raw params sections' sha256.)"""
         from mlflow.tracking import MlflowClient
         self.client = MlflowClient(tracking_uri=tp.tracking_uri)
         exp = self.client.get_experiment_by_name(tp.experiment)
@@ -503,7 +504,7 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         else:
             from campe.io import git_commit, utc_stamp
-            tags = {"method": tp.method, "campe.stage": "train", "campe.params_hash": params_hash}
+            tags = {"method": tp.method, "campe.stage": "train", "campe.config_hash": config_hash}
             commit = git_commit()
             if commit:
                 tags["mlflow.source.git.commit"] = commit
@@ -742,7 +743,7 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
         atomic_write_json(out / "train_config.json", {"config": config_dict, "params_hash": cfg.hash(),
                                                       "resume_hash": cfg.hash(runtime=False)})
         if tp.tracking_uri:
-            tracker = Tracker(tp, run_id, params_hash=cfg.hash())
+            tracker = Tracker(tp, run_id, config_hash=cfg.hash())
             new_run, run_id = run_id is None, tracker.run_id
             (out / RUN_ID_FILE).write_text(run_id + "\n")
             if new_run:

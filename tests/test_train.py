@@ -223,10 +223,10 @@ def test_mlflow_run_has_params_step_metrics_artifacts_and_run_id_file(trained):
     p = run.data.params
     assert p["method"] == "vanilla" and p["train.lr"] == "0.002" and p["model.width"] == "64"
     assert p["loss.kind"] == "softmax" and len(p["params_hash"]) == 12 and p["total_steps"] == "200"
-    # Named stage/config/date, tagged with the params hash and (inside a git checkout) the commit.
+    # Named stage/config/date, tagged with the config hash and (inside a git checkout) the commit.
     assert re.fullmatch(r"train/vanilla/\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", run.info.run_name), run.info.run_name
     tags = run.data.tags
-    assert tags["campe.params_hash"] == p["params_hash"] and tags["campe.stage"] == "train"
+    assert tags["campe.config_hash"] == p["params_hash"] and tags["campe.stage"] == "train"
     assert tags.get("mlflow.source.git.commit") == git_commit()
     history = client.get_metric_history(run_id, "contrastive_loss")
     csv_rows = read_log(out / LOG_FILE)
