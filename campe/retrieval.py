@@ -10,10 +10,15 @@ Conventions (the usual ones for Flickr30k/COCO/MSR-VTT; CLIP_benchmark's positiv
   - Image -> text: an image query has several positive captions; its rank is the best rank among them, i.e. counted
     against the *negative* captions only. Text -> image: each caption has exactly one positive image.
   - Ranks are 1-based; R@k is the percentage of queries with rank <= k; rsum is the sum of all R@k of both directions.
-  - Ties, `ties="pessimistic"` (default): rank = 1 + number of negatives scoring >= the (best) positive. So a tie is
-    always lost, and a collapsed model whose embeddings are all equal gets rank ~M, not rank 1.
-    `ties="optimistic"`: rank = 1 + number of negatives scoring strictly > the positive (the common `1 + #greater`
-    rule; identical to "pessimistic" when there are no exact ties). Ties are exact equalities of float32 scores.
+  - Ties, `ties="pessimistic"` (default): rank = 1 + number of negatives that tie with or beat the (best) positive.
+    So a tie is always lost, and a collapsed model whose embeddings are all equal gets rank ~M, not rank 1.
+    `ties="optimistic"`: rank = 1 + number of negatives that beat it outright (the common `1 + #greater` rule).
+  - What a tie is: two scores of one query tie when they differ by at most `tie_tol * |q| * max|g|` (q the query
+    embedding, g the gallery's; for unit-norm embeddings: by at most `tie_tol` in cosine, default 1e-5). Why not
+    exact float equality: a matmul kernel sums different columns of one row in different orders (vector body vs.
+    tail, thread blocks), so scores that are equal in exact arithmetic come out a few ulps apart, and which ones
+    depends on the BLAS kernel and the thread count. A float32 dot product of unit vectors is off by ~sqrt(D) ulps
+    (~1e-6 for D=384); 1e-5 leaves a margin, and two cosines 1e-5 apart are not a meaningful ranking either.
   - Mean rank is the arithmetic mean; median rank is numpy's median (mean of the two middle ranks for an even count).
 
 Aspect re-weighting (the paper's inference-time knob): the D-dim embeddings are K concatenated D/K segments, one per
@@ -24,13 +29,14 @@ weights give the plain dot product exactly.
 Memory: the N x M score matrix is never materialised. One pass over chunks of image rows computes S = V_c T^T
 [chunk, M] once and uses it for both directions (the matmul is the cost, so it is done once):
   - i2t: per image, the best positive score is gathered from the chunk and the negatives >= it are counted.
-  - t2i: a caption's positive score lives in one chunk but its negatives are in all of them, so each caption is
-    compared against a window [p - tol, p + tol] around its positive score p computed up front by a row-wise dot
-    product (which can differ from the matmul's value by rounding). Counts of scores > p + tol and >= p - tol are
-    accumulated; the matmul's own positive score is recorded when its chunk comes by. If no negative falls inside
-    the window (and the recorded score does), the count is exact for either tie rule; otherwise (exact ties,
-    near-ties, duplicates) that caption is recomputed exactly with its own caption-row matmul. So the result is
-    exact, and the fast path covers almost every caption of a non-degenerate model.
+  - t2i: a caption's positive score lives in one chunk but its negatives are in all of them. Its tie threshold
+    (p - tie, or p + tie for the optimistic rule) is estimated up front from a row-wise dot product a ~ p, and the
+    negatives are counted against a window [a' - w, a' + w] around that estimate a' (w = `window` relative, since a
+    row-wise dot product can differ from the matmul's value by rounding); the matmul's own positive score is
+    recorded when its chunk comes by. If no negative falls inside the window and the recorded score is within w of
+    a, every threshold the positive could give counts the same negatives; otherwise (ties, near-ties, duplicates)
+    that caption is recomputed with its own caption-row matmul. So the result is the rule's, and the fast path
+    covers almost every caption of a non-degenerate model.
 Peak extra memory ~ 2 * chunk * M * 4 bytes (+ O(N + M) vectors); `chunk=None` keeps that near 128 MB.
 """
 from __future__ import annotations
@@ -53,6 +59,7 @@ class RetrievalParams:
     zero_shot_ks: list[int] = field(default_factory=lambda: [1, 5])
     chunk: int = 0  # rows of the score matrix per chunk; 0 = auto (~64 MB per buffer)
     ties: str = "pessimistic"  # or "optimistic" (1 + #strictly greater)
+    tie_tol: float = 1e-5  # scores within tie_tol * |q| * max|g| tie (cosine units for unit-norm embeddings)
     aspect_weights: list[float] = field(default_factory=list)  # K weights; empty = all ones (plain cosine)
 
     def validate(self) -> None:
@@ -62,6 +69,7 @@ class RetrievalParams:
             raise ValueError("chunk must be >= 0 (0 = auto)")
         if self.ties not in TIES:
             raise ValueError(f"ties must be one of {TIES}, got {self.ties!r}")
+        _check_tie_tol(self.tie_tol)
         if self.aspect_weights:
             _check_weights(torch.tensor(self.aspect_weights, dtype=torch.float64), "aspect_weights")
 
@@ -88,6 +96,19 @@ def _check_weights(w: torch.Tensor, name: str) -> None:
 def _check_ties(ties: str) -> None:
     if ties not in TIES:
         raise ValueError(f"ties: expected one of {TIES}, got {ties!r}")
+
+
+def _check_tie_tol(tie_tol: float) -> None:
+    if not (0.0 <= tie_tol < 1.0):
+        raise ValueError(f"tie_tol: expected a relative tolerance in [0, 1), got {tie_tol!r}")
+
+
+def _beats(s: torch.Tensor, pos: torch.Tensor, tie: torch.Tensor, ties: str, out: torch.Tensor | None = None):
+    """0/1 float mask of the scores s that count against a positive score pos under the tie rule (broadcasting):
+    pessimistic s >= pos - tie (a tie is lost), optimistic s > pos + tie (only a clear win counts)."""
+    if ties == "pessimistic":
+        return torch.ge(s, pos - tie, out=out)
+    return torch.gt(s, pos + tie, out=out)
 
 
 def aspect_scale(dim: int, weights=None, k_segments: int | None = None) -> torch.Tensor | None:
@@ -133,8 +154,9 @@ def _count(buf: torch.Tensor, ones: torch.Tensor, dim: int) -> torch.Tensor:
     return (buf @ ones[: buf.shape[1]]).squeeze(1) if dim == 1 else (ones[:, : buf.shape[0]] @ buf).squeeze(0)
 
 
-def _t2i_exact(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, chunk: int, ties: str) -> torch.Tensor:
-    """Text->image ranks [m] computed per caption row: positive and negatives come from the same matmul row."""
+def _t2i_exact(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, tie: torch.Tensor, chunk: int,
+               ties: str) -> torch.Tensor:
+    """Text->image ranks [m] computed per caption row (tie [m]: each caption's absolute tie tolerance)."""
     n = img.shape[0]
     rows = max(1, min(txt.shape[0], chunk))
     buf, ones = torch.empty(rows, n), torch.ones(n, 1)
@@ -143,22 +165,22 @@ def _t2i_exact(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, chunk: i
         b = min(txt.shape[0], a + rows)
         s = torch.mm(txt[a:b], img.T, out=buf[: b - a])
         pos = s.gather(1, t2i[a:b, None])
-        if ties == "pessimistic":  # >= counts the positive itself: subtract it
-            cnt = _count(torch.ge(s, pos, out=s), ones, 1) - 1
-        else:
-            cnt = _count(torch.gt(s, pos, out=s), ones, 1)
+        # the positive always meets the pessimistic threshold (pos >= pos - tie) and never the optimistic one
+        self_count = 1 if ties == "pessimistic" else 0
+        cnt = _count(_beats(s, pos, tie[a:b, None], ties, out=s), ones, 1) - self_count
         out[a:b] = 1 + cnt.round().to(torch.int64)
     return out
 
 
 def retrieval_ranks(img: torch.Tensor, txt: torch.Tensor, txt_to_img: torch.Tensor, chunk: int | None = None,
-                    ties: str = "pessimistic", tol: float = 2.0 ** -22,
+                    ties: str = "pessimistic", tie_tol: float = 1e-5, window: float = 2.0 ** -22,
                     stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """1-based ranks (i2t [N], t2i [M]) for img [N,D], txt [M,D] float32, txt_to_img [M] in [0, N).
 
-    `tol` is the relative half-width of the t2i window (see module doc); it trades fast-path coverage against
-    false alarms and never changes the result (tests run it at 0 and at 1e9). If `stats` is a dict, it receives
-    `t2i_recomputed`: how many captions needed the exact per-caption pass.
+    `tie_tol`: scores within tie_tol * |query| * max|gallery| tie (module doc). `window` is the relative half-width
+    of the t2i fast-path window; it trades fast-path coverage against false alarms and never changes the result
+    (tests run it at 0 and at 1e9). If `stats` is a dict, it receives `t2i_recomputed`: how many captions needed the
+    per-caption pass.
     """
     n, m = img.shape[0], txt.shape[0]
     rows = chunk or max(1, _AUTO_CHUNK_ELEMS // m)
@@ -175,15 +197,21 @@ def retrieval_ranks(img: torch.Tensor, txt: torch.Tensor, txt_to_img: torch.Tens
     valid = offs[None, :] < counts[:, None]
     pos_idx = order[(starts[:, None] + torch.where(valid, offs[None, :], 0))]
 
-    # t2i window around each caption's positive score, from a row-wise dot product (chunked: bounded memory).
+    # Absolute tie tolerances: per image query [N, 1] and per caption query [M].
+    img_norm, txt_norm = img.norm(dim=1), txt.norm(dim=1)
+    tie_i = (tie_tol * img_norm * txt_norm.max())[:, None]
+    tie_t = tie_tol * txt_norm * img_norm.max()
+
+    # t2i window around each caption's tie threshold, from a row-wise dot product (chunked: bounded memory).
     approx = torch.empty(m)
     scale = torch.empty(m)
-    img_norm = img.norm(dim=1)
     for a in range(0, m, 1 << 14):
         b = min(m, a + (1 << 14))
         approx[a:b] = (txt[a:b] * img[t2i[a:b]]).sum(1)
-        scale[a:b] = txt[a:b].norm(dim=1) * img_norm[t2i[a:b]]
-    lo, hi = approx - tol * scale, approx + tol * scale
+        scale[a:b] = txt_norm[a:b] * img_norm[t2i[a:b]]
+    w = window * scale
+    thr = approx - tie_t if ties == "pessimistic" else approx + tie_t
+    lo, hi = thr - w, thr + w
     c_lo = torch.zeros(m, dtype=torch.float64)  # negatives-or-positive with score >= lo
     c_hi = torch.zeros(m, dtype=torch.float64)  # ... with score > hi
     pos_exact = torch.empty(m)  # the positive's score as the matmul produced it
@@ -197,29 +225,28 @@ def retrieval_ranks(img: torch.Tensor, txt: torch.Tensor, txt_to_img: torch.Tens
         # image -> text: best positive, then count negatives at or above it.
         pv = s.gather(1, pos_idx[a:b])
         best = pv.max(1, keepdim=True).values  # padding repeats a real positive, so max is unaffected
-        if ties == "pessimistic":
-            ge_all = _count(torch.ge(s, best, out=f), ones_m, 1)
-            pos_ge = ((pv >= best) & valid[a:b]).sum(1)  # positives tying with the best are not negatives
-            i2t[a:b] = 1 + ge_all.round().to(torch.int64) - pos_ge
-        else:
-            i2t[a:b] = 1 + _count(torch.gt(s, best, out=f), ones_m, 1).round().to(torch.int64)
+        all_beat = _count(_beats(s, best, tie_i[a:b], ties, out=f), ones_m, 1).round().to(torch.int64)
+        pos_beat = (_beats(pv, best, tie_i[a:b], ties).bool() & valid[a:b]).sum(1)  # positives are not negatives
+        i2t[a:b] = 1 + all_beat - pos_beat
         # text -> image: record the matmul's positive scores of this chunk's captions, accumulate window counts.
         js = order[int(starts[a]):int(ends[b - 1])]
         pos_exact[js] = s[t2i[js] - a, js]
         c_lo += _count(torch.ge(s, lo, out=f), ones_r, 0)
         c_hi += _count(torch.gt(s, hi, out=f), ones_r, 0)
 
-    # Remove the positive itself from the counts; exact where no negative is inside [lo, hi] and the positive is.
+    # Remove the positive itself from the counts. Where no negative is inside [lo, hi] and the matmul's positive is
+    # within w of the estimate (so its threshold is inside [lo, hi]), every possible threshold counts c_hi negatives.
     c_lo -= (pos_exact >= lo).double()
     c_hi -= (pos_exact > hi).double()
-    inside = (pos_exact >= lo) & (pos_exact <= hi)
+    inside = (pos_exact - approx).abs() <= w
     ambiguous = ~inside | (c_lo != c_hi)
     t2i_rank = 1 + c_hi.round().to(torch.int64)
     if stats is not None:
         stats["t2i_recomputed"] = int(ambiguous.sum())
     if bool(ambiguous.any()):
         idx = ambiguous.nonzero().squeeze(1)
-        t2i_rank[idx] = _t2i_exact(img, txt[idx], t2i[idx], chunk or max(1, _AUTO_CHUNK_ELEMS // n), ties)
+        t2i_rank[idx] = _t2i_exact(img, txt[idx], t2i[idx], tie_t[idx], chunk or max(1, _AUTO_CHUNK_ELEMS // n),
+                                   ties)
     return i2t, t2i_rank
 
 
@@ -232,15 +259,17 @@ def _summary(ranks: torch.Tensor, ks: Sequence[int], prefix: str) -> dict[str, f
 
 
 def retrieval_metrics(img_emb, txt_emb, txt_to_img, ks: Sequence[int] = (1, 5, 10), chunk: int | None = None,
-                      weights=None, k_segments: int | None = None, ties: str = "pessimistic") -> dict[str, float]:
+                      weights=None, k_segments: int | None = None, ties: str = "pessimistic",
+                      tie_tol: float = 1e-5) -> dict[str, float]:
     """Recall@k (percent), mean and median rank in both directions, plus rsum.
 
     img_emb [N, D], txt_emb [M, D] (float, normally L2-normalised); txt_to_img [M] int: the image of each caption
     (every image needs >= 1 caption). weights [K]: aspect re-weighting over K equal segments (None = plain).
-    chunk: image rows per chunk (None = auto, ~128 MB of buffers). Keys: i2t_R@k, t2i_R@k, {i2t,t2i}_mean_rank,
-    {i2t,t2i}_median_rank, rsum.
+    chunk: image rows per chunk (None = auto, ~128 MB of buffers). ties, tie_tol: the tie rule (module doc).
+    Keys: i2t_R@k, t2i_R@k, {i2t,t2i}_mean_rank, {i2t,t2i}_median_rank, rsum.
     """
     _check_ties(ties)
+    _check_tie_tol(tie_tol)
     img, txt = _as_emb(img_emb, "img_emb"), _as_emb(txt_emb, "txt_emb")
     if img.shape[1] != txt.shape[1]:
         raise ValueError(f"img_emb dim {img.shape[1]} != txt_emb dim {txt.shape[1]} (image and text towers disagree)")
@@ -263,7 +292,7 @@ def retrieval_metrics(img_emb, txt_emb, txt_to_img, ks: Sequence[int] = (1, 5, 1
     w = aspect_scale(img.shape[1], weights, k_segments)
     if w is not None:
         img = img * w  # sum_k w_k <t_k, v_k> == <t, v * w_rep>
-    i2t, t2i_rank = retrieval_ranks(img, txt, t2i, chunk, ties)
+    i2t, t2i_rank = retrieval_ranks(img, txt, t2i, chunk, ties, tie_tol)
     out = {**_summary(i2t, ks, "i2t"), **_summary(t2i_rank, ks, "t2i")}
     out["rsum"] = float(sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks))
     return out
@@ -282,14 +311,16 @@ def class_embeddings(class_text_emb) -> torch.Tensor:
 
 
 def zero_shot_classify(img_emb, class_text_emb, labels, ks: Sequence[int] = (1, 5), weights=None,
-                       k_segments: int | None = None, ties: str = "pessimistic",
+                       k_segments: int | None = None, ties: str = "pessimistic", tie_tol: float = 1e-5,
                        chunk: int = 4096) -> dict[str, float]:
     """Top-k accuracy (percent) of img_emb [N, D] against class_text_emb [C, T, D] (T prompt templates per class).
 
     labels [N] int in [0, C). The true class's rank follows the same tie rule as retrieval (pessimistic: a tie with
-    another class is a miss). weights: aspect re-weighting as in `retrieval_metrics`. Keys: top1, top5, ...
+    another class is a miss; tie_tol as there). weights: aspect re-weighting as in `retrieval_metrics`.
+    Keys: top1, top5, ...
     """
     _check_ties(ties)
+    _check_tie_tol(tie_tol)
     img = _as_emb(img_emb, "img_emb")
     cls = class_embeddings(class_text_emb)
     if not bool(torch.isfinite(cls).all()):
@@ -307,20 +338,23 @@ def zero_shot_classify(img_emb, class_text_emb, labels, ks: Sequence[int] = (1, 
     w = aspect_scale(img.shape[1], weights, k_segments)
     if w is not None:
         img = img * w
+    tie = (tie_tol * img.norm(dim=1) * cls.norm(dim=1).max())[:, None]
+    self_count = 1 if ties == "pessimistic" else 0  # the true class meets its own pessimistic threshold
     ranks = torch.empty(img.shape[0], dtype=torch.int64)
     for a in range(0, img.shape[0], chunk):
         b = min(img.shape[0], a + chunk)
         s = img[a:b] @ cls.T
         true = s.gather(1, y[a:b, None])
-        ranks[a:b] = 1 + ((s >= true).sum(1) - 1 if ties == "pessimistic" else (s > true).sum(1))
+        ranks[a:b] = 1 + _beats(s, true, tie[a:b], ties).sum(1) - self_count
     r = ranks.numpy()
     return {f"top{k}": float(100.0 * np.mean(r <= k)) for k in ks}
 
 
 # ------------------------------------------------------------------------------------------------------ records
 def eval_record(metrics: dict[str, float], *, dataset: str, split: str, caption_policy: str, checkpoint: str,
-                params_hash: str, weights=None, ties: str = "pessimistic", **extra) -> dict:
+                params_hash: str, weights=None, ties: str = "pessimistic", tie_tol: float = 1e-5,
+                **extra) -> dict:
     """The JSON written per evaluation: what was measured on what, and how (metrics stay a flat name -> float map)."""
     return {"dataset": dataset, "split": split, "caption_policy": caption_policy, "checkpoint": str(checkpoint),
             "params_hash": params_hash, "aspect_weights": None if weights is None else [float(x) for x in weights],
-            "ties": ties, **extra, "metrics": dict(metrics)}
+            "ties": ties, "tie_tol": tie_tol, **extra, "metrics": dict(metrics)}

@@ -55,6 +55,7 @@ class EvaluateParams:
     zero_shot_ks: list[int] = field(default_factory=lambda: [1, 5])
     chunk: int = 0  # image rows per score chunk; 0 = auto
     ties: str = "pessimistic"  # or "optimistic"
+    tie_tol: float = 1e-5  # scores this close (cosine units) tie: see campe.retrieval
     aspect_weights: list[float] = field(default_factory=list)  # K weights; empty = plain cosine only
     # data
     karpathy_split: str = "test"
@@ -71,7 +72,7 @@ class EvaluateParams:
 
         # The two library dataclasses own the checks of their fields.
         RetrievalParams(ks=self.ks, zero_shot_ks=self.zero_shot_ks, chunk=self.chunk, ties=self.ties,
-                        aspect_weights=self.aspect_weights).validate()
+                        tie_tol=self.tie_tol, aspect_weights=self.aspect_weights).validate()
         EvalDataParams(karpathy_split=self.karpathy_split, max_captions=self.max_captions, on_missing=self.on_missing,
                        msrvtt_policy=self.msrvtt_policy, msrvtt_max_captions=self.msrvtt_max_captions,
                        video_frames=self.video_frames).validate()
@@ -85,7 +86,7 @@ def params_hash(p: EvaluateParams) -> str:
 
 def _metrics(p: EvaluateParams, img: torch.Tensor, txt: torch.Tensor, txt_to_img, k_segments: int | None) -> dict:
     """Plain metrics, and the aspect re-weighted ones (prefixed `reweighted_`) when weights are set."""
-    kw = dict(ks=p.ks, chunk=p.chunk or None, ties=p.ties)
+    kw = dict(ks=p.ks, chunk=p.chunk or None, ties=p.ties, tie_tol=p.tie_tol)
     out = retrieval_metrics(img, txt, torch.as_tensor(txt_to_img), **kw)
     if p.aspect_weights:
         if k_segments is None:
@@ -141,7 +142,8 @@ def evaluate_image_set(p: EvaluateParams, emb: Embedder, name: str, ann: str) ->
         files.append(_aspect_maps(p, name, emb, ds.image_paths, ds.captions, ds.txt_to_img, txt, k))
     rec = eval_record(metrics, dataset=name, split=p.karpathy_split, caption_policy=f"first {p.max_captions}",
                       checkpoint=p.checkpoint, params_hash=params_hash(p), weights=p.aspect_weights or None,
-                      ties=p.ties, annotation=str(ann), images=len(ds.image_paths), captions=len(ds.captions),
+                      ties=p.ties, tie_tol=p.tie_tol, annotation=str(ann), images=len(ds.image_paths),
+                      captions=len(ds.captions),
                       skipped=ds.skipped, k_segments=k)
     return {"record": rec, "files": files}
 
@@ -156,7 +158,8 @@ def evaluate_video_set(p: EvaluateParams, emb: Embedder, name: str, root: str) -
                for key, v in _metrics(p, vid, txt, ds.txt_to_video, k).items()}
     files = [plots.recall_bars(metrics, Path(p.plots_dir) / f"{name}_recall.png", title=name)]
     rec = eval_record(metrics, dataset=name, split="test", caption_policy=p.msrvtt_policy, checkpoint=p.checkpoint,
-                      params_hash=params_hash(p), weights=p.aspect_weights or None, ties=p.ties, root=str(root),
+                      params_hash=params_hash(p), weights=p.aspect_weights or None, ties=p.ties,
+                      tie_tol=p.tie_tol, root=str(root),
                       videos=len(ds.video_paths), captions=len(ds.captions), skipped=ds.skipped,
                       frames=p.video_frames, k_segments=k)
     return {"record": rec, "files": files}
@@ -174,15 +177,16 @@ def evaluate_zero_shot(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict
         class_emb = txt.view(C, T, -1)
         img = emb.images(paths)
         ks = [k for k in p.zero_shot_ks if k <= C]
-        res = zero_shot_classify(img, class_emb, torch.as_tensor(labels), ks=ks, ties=p.ties)
+        res = zero_shot_classify(img, class_emb, torch.as_tensor(labels), ks=ks, ties=p.ties,
+                                 tie_tol=p.tie_tol)
         metrics.update({f"{task}_{k}": v for k, v in res.items()})
         if p.aspect_weights and seg is not None:
             res = zero_shot_classify(img, class_emb, torch.as_tensor(labels), ks=ks, ties=p.ties,
-                                     weights=p.aspect_weights, k_segments=seg.shape[1])
+                                     tie_tol=p.tie_tol, weights=p.aspect_weights, k_segments=seg.shape[1])
             metrics.update({f"reweighted_{task}_{k}": v for k, v in res.items()})
     rec = eval_record(metrics, dataset="generated_zero_shot", split="test", caption_policy="class-name templates",
                       checkpoint=p.checkpoint, params_hash=params_hash(p), weights=p.aspect_weights or None,
-                      ties=p.ties, classes={t: len(class_folder(f)[2]) for t, f in folders.items()})
+                      ties=p.ties, tie_tol=p.tie_tol, classes={t: len(class_folder(f)[2]) for t, f in folders.items()})
     return {"record": rec, "files": []}
 
 

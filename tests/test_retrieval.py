@@ -17,25 +17,36 @@ from campe.retrieval import (RetrievalParams, class_embeddings, eval_record, ret
 
 
 # ------------------------------------------------------------------------------------------------ dense reference
-def dense_ranks(scores: torch.Tensor, txt_to_img: list[int], ties: str) -> tuple[list[int], list[int]]:
-    """Ranks from a full [N, M] score matrix. pessimistic: 1 + #negatives >= positive; optimistic: 1 + #negatives >."""
-    beats = (lambda a, b: a >= b) if ties == "pessimistic" else (lambda a, b: a > b)
+def dense_ranks(scores: torch.Tensor, txt_to_img: list[int], ties: str, img=None, txt=None,
+                tie_tol: float = 1e-5) -> tuple[list[int], list[int]]:
+    """Ranks from a full [N, M] score matrix. pessimistic: 1 + #negatives >= positive - tie; optimistic:
+    1 + #negatives > positive + tie, where tie = tie_tol * |query| * max|gallery| (0 when img/txt are not given)."""
     n, m = scores.shape
     s = scores.tolist()
+    if img is None:
+        tie_i, tie_t = [0.0] * n, [0.0] * m
+    else:
+        ni, nt = img.double().norm(dim=1).tolist(), txt.double().norm(dim=1).tolist()
+        tie_i = [tie_tol * x * max(nt) for x in ni]
+        tie_t = [tie_tol * x * max(ni) for x in nt]
+
+    def beats(a, b, tie):
+        return a >= b - tie if ties == "pessimistic" else a > b + tie
+
     i2t = []
     for i in range(n):
         pos = [j for j in range(m) if txt_to_img[j] == i]
         best = max(s[i][j] for j in pos)
-        i2t.append(1 + sum(1 for j in range(m) if txt_to_img[j] != i and beats(s[i][j], best)))
+        i2t.append(1 + sum(1 for j in range(m) if txt_to_img[j] != i and beats(s[i][j], best, tie_i[i])))
     t2i = []
     for j in range(m):
         p = s[txt_to_img[j]][j]
-        t2i.append(1 + sum(1 for i in range(n) if i != txt_to_img[j] and beats(s[i][j], p)))
+        t2i.append(1 + sum(1 for i in range(n) if i != txt_to_img[j] and beats(s[i][j], p, tie_t[j])))
     return i2t, t2i
 
 
-def dense_metrics(scores, txt_to_img, ks=(1, 5, 10), ties="pessimistic") -> dict[str, float]:
-    i2t, t2i = dense_ranks(scores, txt_to_img, ties)
+def dense_metrics(scores, txt_to_img, ks=(1, 5, 10), ties="pessimistic", img=None, txt=None) -> dict[str, float]:
+    i2t, t2i = dense_ranks(scores, txt_to_img, ties, img, txt)
     out = {}
     for name, r in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
@@ -84,12 +95,12 @@ def test_chunked_matches_dense_reference_random(seed):
     n = 23
     caps = [1 + (i * 7 + seed) % 5 for i in range(n)]  # 1..5 captions per image
     img, txt, t2i = random_set(n, caps, d=16, seed=seed)
-    ref = dense_metrics(img @ txt.T, t2i.tolist())
-    ref_ranks = dense_ranks(img @ txt.T, t2i.tolist(), "pessimistic")
+    ref = dense_metrics(img @ txt.T, t2i.tolist(), img=img, txt=txt)
+    ref_ranks = dense_ranks(img @ txt.T, t2i.tolist(), "pessimistic", img, txt)
     for chunk in (1, 2, 5, 7, n - 1, n, 1000, None):
         assert_metrics_equal(retrieval_metrics(img, txt, t2i, chunk=chunk), ref)
-    for tol in (0.0, 1e9):  # window never / always ambiguous: the slow path and the fast path must agree too
-        i2t, t2i_r = retrieval_ranks(img, txt, t2i, chunk=4, tol=tol)
+    for window in (0.0, 1e9):  # window never / always ambiguous: the slow path and the fast path must agree too
+        i2t, t2i_r = retrieval_ranks(img, txt, t2i, chunk=4, window=window)
         assert (i2t.tolist(), t2i_r.tolist()) == ref_ranks
 
 
@@ -101,9 +112,10 @@ def test_chunked_matches_dense_reference_with_ties(ties, seed):
     other = dense_ranks(img @ txt.T, t2i.tolist(), "optimistic" if ties == "pessimistic" else "pessimistic")
     assert ref != other, "the data must contain ties that the two rules score differently"
     for chunk in (1, 3, 4, 13, None):
-        for tol in (0.0, 2.0 ** -22, 1e9):
-            i2t, t2i_r = retrieval_ranks(img, txt, t2i, chunk=chunk, ties=ties, tol=tol)
-            assert (i2t.tolist(), t2i_r.tolist()) == ref, (chunk, tol)
+        for window in (0.0, 2.0 ** -22, 1e9):
+            for tie_tol in (0.0, 1e-5):  # exact multiples of 1/16 apart: any small tolerance gives the same ranks
+                i2t, t2i_r = retrieval_ranks(img, txt, t2i, chunk=chunk, ties=ties, tie_tol=tie_tol, window=window)
+                assert (i2t.tolist(), t2i_r.tolist()) == ref, (chunk, window, tie_tol)
     assert_metrics_equal(retrieval_metrics(img, txt, t2i, chunk=5, ties=ties),
                          dense_metrics(img @ txt.T, t2i.tolist(), ties=ties))
 
@@ -125,18 +137,76 @@ def test_hand_checked_tiny_case():
     assert m["rsum"] == pytest.approx(50 + 100 + 100 / 3 + 100)
 
 
-def test_collapsed_embeddings_score_worst_under_pessimistic_ties():
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def threads(request):
+    """Run a test under 1 and 2 intra-op threads: the matmul kernel, and so the rounding of each score, can differ."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def tied_by_construction(n: int, caps: list[int], d: int, seed: int):
+    """Embeddings whose N x M scores are all equal in exact arithmetic but not as float32 matmul results.
+
+    Image i = [P_i(r), 1 * a], caption j = [1 * b, Q_j(q)] for random vectors r, q and random permutations P_i, Q_j:
+    every score is b * sum(r) + a * sum(q), summed in a different order per pair, so the float32 scores differ in
+    their last bits (whatever the kernel), while every pair is a tie.
+    """
+    g = torch.Generator().manual_seed(seed)
+    r, q = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    a, b = 0.3 + torch.rand(1, generator=g), 0.3 + torch.rand(1, generator=g)
+    t2i = torch.tensor([i for i in range(n) for _ in range(caps[i])])
+    m = len(t2i)
+    img = torch.stack([torch.cat([r[torch.randperm(d, generator=g)], a.expand(d)]) for _ in range(n)])
+    txt = torch.stack([torch.cat([b.expand(d), q[torch.randperm(d, generator=g)]]) for _ in range(m)])
+    norm = torch.nn.functional.normalize
+    return norm(img, dim=1), norm(txt, dim=1), t2i
+
+
+@pytest.mark.parametrize("d", [4, 64, 192, 256])
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_ties_do_not_depend_on_the_kernel_or_thread_count(threads, d, ties):
+    n, caps = 9, [1, 2, 3, 1, 1, 4, 2, 1, 3]
+    img, txt, t2i = tied_by_construction(n, caps, d, seed=d)
+    m = len(t2i)
+    scores = img @ txt.T
+    # the instrument: the float scores really are not all equal, so exact equality would not see the ties
+    assert scores.unique().numel() > 1
+    worst = ([m - c + 1 for c in caps], [n] * m) if ties == "pessimistic" else ([1] * n, [1] * m)
+    for chunk in (1, 2, 3, n, None):
+        for window in (0.0, 2.0 ** -22, 1e9):
+            i2t, t2i_r = retrieval_ranks(img, txt, t2i, chunk=chunk, ties=ties, window=window)
+            assert (i2t.tolist(), t2i_r.tolist()) == worst, (chunk, window)
+    z = zero_shot_classify(img, txt[:, None, :], torch.arange(n) % m, ks=(1,), ties=ties, chunk=4)
+    assert z["top1"] == (0.0 if ties == "pessimistic" else 100.0)
+
+
+def test_collapsed_embeddings_score_worst_under_pessimistic_ties(threads):
     # All embeddings equal: every score ties. Pessimistic: image i is beaten by all M - P_i negative captions
     # (rank M - P_i + 1), a caption by the N - 1 other images (rank N). Optimistic: everything at rank 1.
     n, caps = 4, [1, 2, 3, 1]
     t2i = torch.tensor([i for i in range(n) for _ in range(caps[i])])
     m = len(t2i)
-    img, txt = torch.ones(n, 8) / 8 ** 0.5, torch.ones(m, 8) / 8 ** 0.5
-    i2t, t2i_r = retrieval_ranks(img, txt, t2i, chunk=3)
-    assert i2t.tolist() == [m - c + 1 for c in caps] and t2i_r.tolist() == [n] * m
-    opt = retrieval_metrics(img, txt, t2i, ties="optimistic")
-    assert opt["i2t_R@1"] == opt["t2i_R@1"] == 100.0
-    assert retrieval_metrics(img, txt, t2i)["t2i_R@1"] == 0.0
+    for d in (8, 384):
+        img, txt = torch.ones(n, d) / d ** 0.5, torch.ones(m, d) / d ** 0.5
+        for chunk in (1, 3, None):
+            i2t, t2i_r = retrieval_ranks(img, txt, t2i, chunk=chunk)
+            assert i2t.tolist() == [m - c + 1 for c in caps] and t2i_r.tolist() == [n] * m, (d, chunk)
+        opt = retrieval_metrics(img, txt, t2i, ties="optimistic")
+        assert opt["i2t_R@1"] == opt["t2i_R@1"] == 100.0
+        assert retrieval_metrics(img, txt, t2i)["t2i_R@1"] == 0.0
+
+
+def test_tie_tolerance_separates_near_ties_from_real_differences():
+    # One image, two captions: the positive scores 1.0; the negative scores 1 - delta. Within the tolerance it
+    # ties (pessimistic: lost), beyond it the positive wins; tie_tol=0 is plain float comparison.
+    img = torch.tensor([[1.0, 0.0]])
+    for delta, tol, rank in ((5e-6, 1e-5, 2), (2e-5, 1e-5, 1), (5e-6, 0.0, 1)):
+        txt = torch.tensor([[1.0, 0.0], [1.0 - delta, 0.0]])
+        i2t, _ = retrieval_ranks(torch.cat([img, torch.tensor([[0.0, 1.0]])]), txt, torch.tensor([0, 1]),
+                                 tie_tol=tol)
+        assert i2t[0].item() == rank, (delta, tol)
 
 
 # ------------------------------------------------------------------------------------------- aspect re-weighting
@@ -155,7 +225,8 @@ def test_weighted_retrieval_matches_dense_reference_and_ones_is_plain():
     assert retrieval_metrics(img, txt, t2i, chunk=5, weights=[1.0, 1.0, 1.0]) == plain  # exactly equal
     w = torch.tensor([2.0, 0.5, 0.0, 1.0])
     weighted = retrieval_metrics(img, txt, t2i, chunk=5, weights=w, k_segments=4)
-    assert_metrics_equal(weighted, dense_metrics(segment_similarity(img, txt, 4, w), t2i.tolist()))
+    assert_metrics_equal(weighted, dense_metrics(segment_similarity(img, txt, 4, w), t2i.tolist(),
+                                                 img=img * w.repeat_interleave(6), txt=txt))
     assert weighted != plain
 
 
@@ -210,6 +281,7 @@ def test_zero_shot_ties_and_weights():
     ({"weights": [1.0, 1.0], "k_segments": 4}, "k_segments"),
     ({"ties": "random"}, "ties"),
     ({"chunk": 0}, "chunk"),
+    ({"tie_tol": -1e-5}, "tie_tol"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, match):
     args = {"img_emb": torch.randn(2, 4), "txt_emb": torch.randn(3, 4), "txt_to_img": torch.tensor([0, 1, 1]),
@@ -231,12 +303,15 @@ def test_params_section_and_record():
 
 
 def test_fast_path_covers_most_captions_of_a_non_degenerate_model():
-    # The window trick must actually avoid the second pass (the benchmark's speed depends on it), while the
-    # collapsed model (all ties) must fall back for every caption.
+    # The window trick must actually avoid the second pass (the benchmark's speed depends on it). Scores sitting
+    # right at a caption's tie threshold must fall back: with tie_tol=0 the collapsed model's negatives all sit
+    # at the threshold; with the default tolerance they are clearly inside the tie, and the fast path decides.
     img, txt, t2i = random_set(60, [5] * 60, d=32, seed=6)
     stats: dict = {}
     retrieval_ranks(img, txt, t2i, chunk=16, stats=stats)
     assert stats["t2i_recomputed"] < len(t2i) // 4
     ones = torch.ones(4, 8)
-    retrieval_ranks(ones, ones, torch.arange(4), chunk=3, stats=stats)
-    assert stats["t2i_recomputed"] == 4
+    _, ranks = retrieval_ranks(ones, ones, torch.arange(4), chunk=3, tie_tol=0.0, stats=stats)
+    assert stats["t2i_recomputed"] == 4 and ranks.tolist() == [4] * 4
+    _, ranks = retrieval_ranks(ones, ones, torch.arange(4), chunk=3, stats=stats)
+    assert stats["t2i_recomputed"] == 0 and ranks.tolist() == [4] * 4
