@@ -1,11 +1,32 @@
-"""Shared test set-up: offline environment and a tiny generated benchmark (session-scoped, made once)."""
+"""Shared test set-up: offline environment and a tiny generated benchmark (session-scoped, made once).
+
+Everything the suite writes goes under one temporary folder, removed at the end: TMPDIR points into it, so the
+temp folders of spawned workers and of libraries (wandb, which img2dataset imports, makes some at import) land there
+too. Spawned children re-import this module; they inherit CAMPE_TEST_TMP and reuse the parent's folder. A
+session-level check fails the run if the suite changed the checkout (git status before vs after).
+"""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import subprocess
 import tempfile
+from pathlib import Path
+
+_OWNER = "CAMPE_TEST_TMP" not in os.environ  # the pytest process itself, not a spawned child
+if _OWNER:
+    os.environ["CAMPE_TEST_TMP"] = tempfile.mkdtemp(prefix="campe-tests-")
+    # atexit runs handlers last-registered first: this one, registered before any library's (e.g. Prefect's test
+    # harness cleans its own temp folder at exit), runs after them.
+    atexit.register(shutil.rmtree, os.environ["CAMPE_TEST_TMP"], ignore_errors=True)
+    os.makedirs(os.path.join(os.environ["CAMPE_TEST_TMP"], "tmp"), exist_ok=True)
+    os.environ["TMPDIR"] = os.path.join(os.environ["CAMPE_TEST_TMP"], "tmp")
+    tempfile.tempdir = None  # re-read TMPDIR
+_TMP = os.environ["CAMPE_TEST_TMP"]
+REPO = Path(__file__).resolve().parent.parent
 
 # Offline and quiet, before any library is imported (see ../shared/notes/dependencies.md).
-_TMP = tempfile.mkdtemp(prefix="campe-tests-")
 for key, value in {
     "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
     "PREFECT_HOME": os.path.join(_TMP, "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -18,6 +39,34 @@ for key, value in {
 import pytest  # noqa: E402
 
 from campe.synth import SynthParams, generate  # noqa: E402
+
+
+def _checkout_state() -> list[str] | None:
+    """`git status` of the checkout, ignored files included (tests must not write into data/ either); None outside
+    a git checkout. Byte-code caches are not the suite's outputs."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored=matching", "--untracked-files=all"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    skip = ("__pycache__", ".pytest_cache", ".venv/", ".campe-installed")
+    return sorted(ln for ln in out.stdout.splitlines() if not any(s in ln for s in skip))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_unchanged():
+    """The suite writes only to temporary folders: the checkout's git status (with ignored files) is the same after
+    the whole session as before it."""
+    before = _checkout_state()
+    yield
+    after = _checkout_state()
+    if before is not None and after is not None and after != before:
+        new = sorted(set(after) - set(before))
+        gone = sorted(set(before) - set(after))
+        pytest.fail(f"the test suite changed the checkout {REPO}: new/changed {new[:10]}, gone {gone[:10]}",
+                    pytrace=False)
 
 TINY = SynthParams(seed=7, image_size=32, train_images=24, val_images=4, test_images=6, train_captions=2,
                    test_captions=5, train_videos=3, test_videos=3, video_captions=3, video_frames=4)

@@ -178,8 +178,10 @@ def test_cli_table_only_rewrites_the_table_from_finished_cells(ran, tmp_path):
     import yaml
     ap, _, _ = ran
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"ablate": {k: getattr(ap, k) for k in (
-        "name", "root", "methods", "kinds", "all_kinds_for", "seeds", "steps", "eval_sets")}}))
+    # plot into tmp_path: the default (plots/ablation.png) is the checkout's tracked picture
+    params.write_text(yaml.safe_dump({"ablate": {**{k: getattr(ap, k) for k in (
+        "name", "root", "methods", "kinds", "all_kinds_for", "seeds", "steps", "eval_sets")},
+        "plot": str(tmp_path / "ablation.png")}}))
     parser = argparse.ArgumentParser()
     ablate.add_arguments(parser)
     md, cs = tmp_path / "t.md", tmp_path / "t.csv"
