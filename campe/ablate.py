@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from campe.config import ConfigError, from_dict, read_yaml
+from campe.config import ConfigError, from_dict
 from campe.io import atomic_write_bytes, atomic_write_json
 
 ALL_METHODS = ["vanilla", "mean", "last_token", "single_prompt", "defo", "multi_prompt", "multi_prompt_div",
@@ -399,7 +399,10 @@ def run_ablation(ap: AblateParams, base: dict[str, dict], where: str = "params",
 
 
 def load_sections(path: str) -> tuple[dict[str, Any], dict[str, dict]]:
-    data = read_yaml(path)
+    """(the ablate section, the stage sections it builds cells from); the whole file is checked first."""
+    from stages.params import check_params  # stages.params imports this module
+
+    data = check_params(path)
     return dict(data.get("ablate") or {}), {k: dict(data.get(k) or {}) for k in SECTIONS}
 
 

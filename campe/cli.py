@@ -9,6 +9,7 @@
     campe train               # the multi-prompt objective (or a baseline: --method) from the cache
     campe evaluate            # retrieval R@1/5/10 both ways, zero-shot, pictures; logs into the training run
     campe prompts "a red circle on a blue background"
+    campe params check        # every section and the checks across them; `campe params schema` writes the schema
 
 Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args) -> int`; the module
 is imported only when its subcommand is used, so `campe --help` stays fast.
@@ -31,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("stages.train", "train CAMPE or a baseline from the cache or online (DDP under torchrun, MLflow)"),
     "evaluate": ("stages.evaluate", "image/video retrieval, zero-shot classification and pictures for a checkpoint"),
     "prompts": ("campe.prompts_debug", "show the multi-prompt token layout and attention mask of a caption"),
+    "params": ("stages.params", "check params.yaml (every section, across sections) or write its JSON Schema"),
 }
 
 

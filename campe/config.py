@@ -1,20 +1,24 @@
-"""Typed, validated configuration: one flat dataclass per params.yaml section.
+"""Typed, validated configuration: one flat dataclass per params.yaml section, checked by pydantic v2.
 
     from campe.config import load_params, DownloadParams
     p = load_params("params.yaml", "download", DownloadParams)
 
-An unknown or misspelt key is an error naming the file, the section and the key (with a suggestion); a value of the
-wrong type is an error naming the key and the expected type. Nothing is silently ignored.
+Each section is a plain dataclass (what the code passes around); `section_model(cls)` derives its pydantic model
+(strict types, `extra="forbid"`), which does the checking at the boundary (params files, CLI overrides) and gives
+the JSON Schema. An unknown or misspelt key is an error naming the file, the section and the key (with a
+suggestion); a value of the wrong type is an error naming the key and the expected type. Nothing is silently
+ignored. The sections of a whole params file and the checks across them live with the stages (stages/params.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
+import functools
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
+import pydantic
 import yaml
 
 T = TypeVar("T")
@@ -24,61 +28,88 @@ class ConfigError(ValueError):
     """A params file or section that cannot be used as written."""
 
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_tp, *_) = args or (Any,)
-        return [_check_type(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp in (str, float) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+@functools.cache
+def section_model(cls: type) -> type[pydantic.BaseModel]:
+    """The pydantic model of dataclass `cls`: same fields, types and defaults; strict (no "64" for 64, no 1 for
+    true; an int is a valid float) and closed (unknown keys are errors)."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            fields[f.name] = (hints[f.name], f.default)
+        else:
+            fields[f.name] = (hints[f.name], pydantic.Field(default_factory=f.default_factory))
+    return pydantic.create_model(cls.__name__, __config__=pydantic.ConfigDict(extra="forbid", strict=True),
+                                 __doc__=cls.__doc__, **fields)
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_EXPECTED = {"int_type": "an integer", "float_type": "float", "string_type": "str", "bool_type": "true/false",
+             "list_type": "a list", "dict_type": "a mapping"}
+
+
+def _error_line(err: dict[str, Any], where: str) -> str:
+    """One pydantic error -> `where.key[0]: expected an integer, got '64'` (the project's one-line format)."""
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+    kind = err["type"]
+    if kind in _EXPECTED:
+        return f"{where}{loc}: expected {_EXPECTED[kind]}, got {err['input']!r}"
+    return f"{where}{loc}: {err['msg']}"
+
+
+def _plain(value: Any) -> Any:
+    """Tuples (from code) as lists, recursively: the models take YAML's types."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
-    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str, validate: bool = True) -> T:
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types; then its own `validate()` (the
+    checks across its fields) unless validate=False."""
     data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = unknown[0]
-        close = difflib.get_close_matches(str(k), list(fields), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"{where}: unknown key '{k}'{hint}. Known keys: {', '.join(sorted(fields))}."
-        )
-    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
+        raise ConfigError(f"{where}: unknown key '{k}'{_suggest(k, fields)}. Known keys: {', '.join(sorted(fields))}.")
+    try:
+        checked = section_model(cls).model_validate(_plain(data))
+    except pydantic.ValidationError as e:
+        raise ConfigError(_error_line(e.errors()[0], where)) from None
+    obj = cls(**{k: getattr(checked, k) for k in data})  # only the given keys: the dataclass defaults stay its own
+    if validate and hasattr(obj, "validate"):
         try:
-            validate()
+            obj.validate()
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
     return obj
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def json_schema(sections: dict[str, type], title: str = "params.yaml") -> dict[str, Any]:
+    """JSON Schema of a params file made of `sections` (name -> dataclass): a closed object of closed objects."""
+    props, defs = {}, {}
+    for name, cls in sections.items():
+        schema = section_model(cls).model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(schema.pop("$defs", {}))
+        props[name] = schema
+    out: dict[str, Any] = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title,
+                           "type": "object", "properties": props, "additionalProperties": False}
+    if defs:
+        out["$defs"] = defs
+    return out
+
+
+def read_yaml(path: str | Path, sections: Iterable[str] | None = None) -> dict[str, Any]:
+    """The params file as a dict of sections; with `sections`, any other top-level key is an error naming it."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found (run from the project root or pass --params PATH)")
@@ -88,6 +119,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if sections is not None:
+        known = list(sections)
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"{path}: unknown section '{key}:'{_suggest(key, known)}. Known sections: "
+                                  f"{', '.join(known)}.")
+        for key, value in data.items():
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{path}:{key}: expected a mapping of keys, got {value!r}")
     return data
 
 

@@ -59,6 +59,7 @@ FINAL = "model.pt"
 RUN_ID_FILE = "mlflow_run_id.txt"
 LOG_FILE = "train_log.csv"
 PRECISIONS = ("fp32", "bf16")
+TRAIN_SECTIONS = ("text_encoder", "model", "loss", "train")  # the params sections one training run reads
 
 # ---------------------------------------------------------------------------------------------------- configs
 
@@ -178,11 +179,11 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
     and text_encoder.embed_dim from model.embed_dim (a section that states one of these must agree). Unknown keys,
     wrong types and bad values are ConfigErrors naming `where`, the section and the key.
     """
-    unknown = set(sections) - {"text_encoder", "model", "loss", "train"}
+    unknown = set(sections) - set(TRAIN_SECTIONS)
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)} for training; expected text_encoder, "
                           f"model, loss, train")
-    raw = {k: dict(sections.get(k) or {}) for k in ("text_encoder", "model", "loss", "train")}
+    raw = {k: dict(sections.get(k) or {}) for k in TRAIN_SECTIONS}
     tp = from_dict(TrainParams, raw["train"], f"{where}:train")
     spec = METHODS[tp.method]
     loss = from_dict(LossConfig, {**raw["loss"], **spec.get("loss", {})}, f"{where}:loss")
@@ -615,7 +616,7 @@ def load_trained_model(out_dir: str | Path, device: str | torch.device = "cpu") 
             raise FileNotFoundError(f"{out_dir / name}: not found; is {out_dir} the out_dir of a finished "
                                     f"`campe train`?")
     saved = json.loads((out_dir / "train_config.json").read_text())["config"]
-    cfg = resolve_run_config({k: saved[k] or {} for k in ("text_encoder", "model", "loss", "train")},
+    cfg = resolve_run_config({k: saved[k] or {} for k in TRAIN_SECTIONS},
                              str(out_dir / "train_config.json"))
     model, _, _ = build_run_model(cfg, "plain")
     state = torch.load(out_dir / FINAL, map_location="cpu", weights_only=True)["model"]

@@ -42,35 +42,18 @@ from campe.io import git_commit, utc_stamp
 from campe.multiprompt import MultiPromptConfig
 from campe.synth import SynthParams
 from campe.train_loop import RUN_ID_FILE, TrainParams
+from pipelines.flow_params import FlowParams
 from stages.cache import CacheParams, run_stage as cache_stage
 from stages.download import DownloadInputError, DownloadParams, download_stage
 from stages.evaluate import EvaluateParams, mlflow_metric_name, run_stage as evaluate_stage
 from stages.generate import run_stage as generate_stage
+from stages.params import check_params
 from stages.train import load_run_config, run_stage as train_stage
 
 # The params sections each stage reads (what its params hash covers; the same lists as dvc.yaml's `params`).
 STAGE_SECTIONS = {"generate": ("generate",), "download": ("download",), "cache": ("cache", "text_encoder"),
                   "train": ("text_encoder", "model", "loss", "train"), "evaluate": ("evaluate",)}
 PARENT_TAG = "mlflow.parentRunId"
-@dataclass
-class FlowParams:
-    """params.yaml section `flow`: the scheduled deployment."""
-
-    deployment_name: str = "campe-scheduled"
-    cron: str = "0 3 * * *"  # every day at 03:00
-    timezone: str = "UTC"
-    generate: bool = True  # run the generator first (embedded default); false for real datasets
-    generated_dir: str = "data/generated"
-
-    def validate(self) -> None:
-        from prefect.client.schemas.schedules import CronSchedule
-
-        try:
-            CronSchedule(cron=self.cron, timezone=self.timezone)
-        except Exception as e:  # pydantic names what is wrong with the expression
-            raise ValueError(f"cron {self.cron!r} / timezone {self.timezone!r} is not a valid schedule: {e}") from None
-
-
 # ------------------------------------------------------------------------------------------------------ MLflow
 def params_hash(params_file: str, sections: tuple[str, ...]) -> str:
     """sha256 of the named sections of the params file (canonical JSON; a missing section hashes as null)."""
@@ -265,6 +248,7 @@ def campe_pipeline(params_file: str = "params.yaml", generated_dir: str = "data/
     (+ its MLflow run id) and, under "mlflow", the parent run id."""
     from prefect.runtime import flow_run
 
+    check_params(params_file)  # the whole file, before any stage or MLflow run starts
     ctx = start_parent_run(params_file, flow_run.id)
     results: dict[str, Any] = {}
     try:

@@ -294,6 +294,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from stages.params import check_params  # here, not at the top: stages.params imports every stage
+
+    check_params(args.params)  # the whole file, before any work
     overrides = {k: v for k, v in {"shards_dir": args.shards, "output_dir": args.out, "limit": args.limit,
                                    "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
                                    "threads": args.threads}.items() if v is not None}

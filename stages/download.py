@@ -292,6 +292,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from stages.params import check_params  # here, not at the top: stages.params imports every stage
+
+    check_params(args.params)  # the whole file, before any work
     overrides = {k: v for k, v in {"url_list": args.url_list, "output_dir": args.out,
                                    "stats_file": args.stats}.items() if v is not None}
     p = load_params(args.params, "download", DownloadParams, overrides)

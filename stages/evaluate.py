@@ -275,6 +275,9 @@ def run_stage(p: EvaluateParams, device: str = "cpu") -> dict[str, dict[str, Any
 
 
 def run(args: argparse.Namespace) -> int:
+    from stages.params import check_params  # here, not at the top: stages.params imports every stage
+
+    check_params(args.params)  # the whole file, before any work
     overrides: dict[str, Any] = {}
     for key, value in (("checkpoint", args.checkpoint), ("metrics_dir", args.metrics_dir),
                        ("plots_dir", args.plots_dir), ("image_sets", _named_paths(args.image_set, "--image-set")),

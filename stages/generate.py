@@ -31,6 +31,9 @@ def run_stage(params: SynthParams, out: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from stages.params import check_params  # here, not at the top: stages.params imports every stage
+
+    check_params(args.params)  # the whole file, before any work
     params = load_params(args.params, "generate", SynthParams)
     summary = run_stage(params, args.out)
     print(json.dumps({k: summary[k] for k in ("images", "image_captions", "videos", "video_captions", "seconds")}))

@@ -16,10 +16,8 @@ import json
 import os
 from typing import Any
 
-from campe.config import read_yaml
-from campe.train_loop import METHODS, RunConfig, resolve_run_config, train
-
-SECTIONS = ("text_encoder", "model", "loss", "train")
+from campe.train_loop import METHODS, TRAIN_SECTIONS, RunConfig, resolve_run_config, train
+from stages.params import check_params
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,9 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_run_config(path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The four sections of a params file (+ overrides of the train section) -> RunConfig."""
-    data = read_yaml(path)
-    sections = {k: dict(data.get(k) or {}) for k in SECTIONS}
+    """The four sections of a params file (+ overrides of the train section) -> RunConfig; the whole file is
+    checked first."""
+    data = check_params(path)
+    sections = {k: dict(data.get(k) or {}) for k in TRAIN_SECTIONS}
     sections["train"].update(overrides or {})
     return resolve_run_config(sections, str(path))
 

@@ -1,0 +1,94 @@
+"""The whole params file: its sections, the checks across them, and its JSON Schema.
+
+    campe params check                       # every section + the cross-section checks (exit 1, one line, if bad)
+    campe params schema                      # (re)write params.schema.json, which editors use to check params.yaml
+
+Every stage, `campe ablate` and the Prefect flow call `check_params(path)` first, before any work: an unknown or
+misspelt section or key anywhere in the file is an error naming the file, the key and a suggestion, and so is a
+combination of sections that would only fail later (K prompts that do not divide model.embed_dim, a negation cache
+that disagrees with the loss, shards downloaded at another size than the model takes). A section the file leaves
+out takes its defaults; the checks across sections look only at what the file states.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from campe.ablate import AblateParams
+from campe.config import ConfigError, from_dict, json_schema, read_yaml
+from campe.io import atomic_write_bytes
+from campe.losses import LossConfig
+from campe.model import ModelConfig
+from campe.multiprompt import MultiPromptConfig
+from campe.synth import SynthParams
+from campe.train_loop import TRAIN_SECTIONS, TrainParams, resolve_run_config
+from pipelines.flow_params import FlowParams
+from stages.cache import CacheParams
+from stages.download import DownloadParams
+from stages.evaluate import EvaluateParams
+
+# section -> its dataclass, in the order of the shipped params.yaml
+SECTIONS: dict[str, type] = {
+    "generate": SynthParams, "download": DownloadParams, "text_encoder": MultiPromptConfig, "cache": CacheParams,
+    "model": ModelConfig, "loss": LossConfig, "train": TrainParams, "evaluate": EvaluateParams,
+    "ablate": AblateParams, "flow": FlowParams,
+}
+SCHEMA_FILE = "params.schema.json"
+# Checked for keys and types everywhere, but their own semantic check only where they are used: FlowParams'
+# schedule check imports Prefect (~2 s), which no stage should pay for.
+_LAZY = {"flow"}
+
+
+def check_params(path: str | Path) -> dict[str, Any]:
+    """Validate the whole params file at `path`; returns its raw sections. Raises ConfigError (one line)."""
+    data = read_yaml(path, SECTIONS)
+    for name, cls in SECTIONS.items():
+        if name in data:
+            from_dict(cls, data[name], f"{path}:{name}", validate=name not in _LAZY)
+    _check_across(data, str(path))
+    return data
+
+
+def _check_across(data: dict[str, Any], where: str) -> None:
+    def section(name: str) -> dict[str, Any]:
+        return dict(data.get(name) or {})
+
+    if "train" in data:  # a file that trains: resolve the run as `campe train` will (method, derived fields)
+        resolve_run_config({k: data.get(k) for k in TRAIN_SECTIONS}, where)
+    elif "text_encoder" in data and "model" in data:  # the cache is made for a K that must divide embed_dim
+        from_dict(MultiPromptConfig, {**section("text_encoder"), "embed_dim": from_dict(
+            ModelConfig, section("model"), f"{where}:model").embed_dim}, f"{where}:text_encoder")
+    if "download" in data and "model" in data:
+        down = from_dict(DownloadParams, section("download"), f"{where}:download")
+        model = from_dict(ModelConfig, section("model"), f"{where}:model")
+        shards = from_dict(TrainParams, section("train"), f"{where}:train").shards_dir
+        if shards == down.output_dir and down.image_size != model.image_size:
+            raise ConfigError(f"{where}: download.image_size is {down.image_size} but model.image_size is "
+                              f"{model.image_size} and training reads those shards ({shards}); set both to the "
+                              f"same size")
+
+
+def write_schema(path: str | Path) -> Path:
+    """Write the JSON Schema of a params file (atomically); returns the path."""
+    path = Path(path)
+    atomic_write_bytes(path, (json.dumps(json_schema(SECTIONS), indent=2) + "\n").encode())
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["check", "schema"], help="check a params file, or write its JSON Schema")
+    p.add_argument("--params", default="params.yaml", help="params file to check")
+    p.add_argument("--out", default=SCHEMA_FILE, help=f"schema file to write (default: {SCHEMA_FILE})")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "schema":
+        print(write_schema(args.out))
+        return 0
+    data = check_params(args.params)
+    if "flow" in data:  # the one semantic check the stages skip (it imports Prefect)
+        from_dict(FlowParams, data["flow"], f"{args.params}:flow")
+    print(f"{args.params}: ok ({', '.join(data)})")
+    return 0
