@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from campe.config import ConfigError, from_dict, read_yaml
-from campe.io import atomic_write_bytes, atomic_write_json
+from campe.io import atomic_write_bytes, atomic_write_json, output_lock
 
 ALL_METHODS = ["vanilla", "mean", "last_token", "single_prompt", "defo", "multi_prompt", "multi_prompt_div",
                "multi_prompt_div_neg"]
@@ -376,6 +376,11 @@ def run_ablation(ap: AblateParams, base: dict[str, dict], where: str = "params",
     unknown = set(base) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)} for the ablation; expected {SECTIONS}")
+    with output_lock(ap.root, "campe ablate", flag="--root"):  # its cells and caches: one ablation at a time
+        return _run_grid(ap, base, where, log)
+
+
+def _run_grid(ap: AblateParams, base: dict[str, dict], where: str, log: Callable[[str], None]) -> dict[str, Any]:
     cells = grid(ap)
     caches_done: set[str] = set()
     ran = skipped = 0

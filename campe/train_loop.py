@@ -29,6 +29,7 @@ RNG states (dropout) are restored, so on CPU a run of 2N steps equals N steps + 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -49,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from campe.config import ConfigError, from_dict
-from campe.io import atomic_write_bytes, atomic_write_json
+from campe.io import OutputInUse, atomic_write_bytes, atomic_write_json, output_lock
 from campe.losses import CampeObjective, LossConfig, total_loss
 from campe.model import CLIPModel, ModelConfig, build_model, save_config
 from campe.multiprompt import MultiPromptConfig, PromptLayout
@@ -659,10 +660,33 @@ def train(cfg: RunConfig, *, source: Any = None, model: CLIPModel | None = None,
     tp = cfg.train
     info = init_distributed(tp.device)
     try:
-        return _train(cfg, info, source, model, resume, stop_at, checkpoint_at_stop)
+        with _out_dir_lock(tp.out_dir, info):
+            return _train(cfg, info, source, model, resume, stop_at, checkpoint_at_stop)
     finally:
         if info.initialised_here:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _out_dir_lock(out_dir: str, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds out_dir's lock (campe.io.output_lock) for the run (only rank 0 writes there); every rank learns
+    whether it got it, so on a refusal all ranks stop at once and none waits in a collective."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if info.main:
+            try:
+                stack.enter_context(output_lock(out_dir, "campe train"))
+            except OutputInUse as e:
+                error = str(e)
+        if info.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            if info.main:
+                raise OutputInUse(error)
+            raise SystemExit(1)  # rank 0 reports it: one line, not one per rank
+        yield
 
 
 def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None, resume: bool,
