@@ -146,3 +146,23 @@ def output_lock(folder: str | Path, what: str, *, flag: str = "--out", part: str
         except OSError:
             pass
         lock.release()
+
+
+# ---------------------------------------------------------------------------------------------------- MLflow store
+
+def store_uri(uri: str, base_dir: str | Path | None) -> str:
+    """An MLflow tracking URI with a relative local store made absolute against `base_dir` (the folder of the params
+    file that names it): `sqlite:///mlflow.db` is <base_dir>/mlflow.db wherever the command runs, not a new empty
+    store in the working directory. Resolved at use time only: params and train_config.json keep the relative form,
+    so no DVC output records where the checkout lives. base_dir None: unchanged (relative to the working dir)."""
+    if not uri or base_dir is None:
+        return uri
+    base = Path(os.path.abspath(base_dir))
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///"):]
+        if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
+            return f"sqlite:///{base / rest}"
+        return uri
+    if "://" not in uri and not uri.startswith("/") and ":" not in uri.split("/")[0]:
+        return str(base / uri)  # a plain local folder store (mlruns)
+    return uri
