@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from campe.config import ConfigError, from_dict
-from campe.io import atomic_write_bytes, atomic_write_json
+from campe.io import atomic_write_bytes, atomic_write_json, output_lock, store_uri
 
 ALL_METHODS = ["vanilla", "mean", "last_token", "single_prompt", "defo", "multi_prompt", "multi_prompt_div",
                "multi_prompt_div_neg"]
@@ -202,6 +202,7 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
 
     out = cell_dir(ap, cell)
     cfg = resolve_run_config(cell_sections(ap, base, cell), where)
+    cfg.base_dir = os.path.dirname(os.path.abspath(where)) if os.path.isfile(where) else ""  # the params file's
     ep = _eval_params(ap, base, out, where)
     config_hash = f"{cfg.hash(runtime=False)}-{params_hash(dataclasses.replace(ep, checkpoint=''))}"
     record_path = out / CELL_FILE
@@ -240,13 +241,13 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
     run_id = (out / RUN_ID_FILE).read_text().strip() if (out / RUN_ID_FILE).exists() else None
     if run_id and cfg.train.tracking_uri:
         from mlflow.tracking import MlflowClient
-        client = MlflowClient(tracking_uri=cfg.train.tracking_uri)
+        client = MlflowClient(tracking_uri=store_uri(cfg.train.tracking_uri, cfg.base_dir or None))
         for k, v in {"ablation": ap.name, "ablation_cell": cell.variant, "seed": str(cell.seed),
                      "loss_kind": cell.kind}.items():
             client.set_tag(run_id, k, v)
 
     t0 = time.perf_counter()
-    results = run_stage(ep, device=_eval_device(cfg.train.device))
+    results = run_stage(ep, device=_eval_device(cfg.train.device), base_dir=cfg.base_dir or None)
     timings["eval_s"] = round(time.perf_counter() - t0, 1)
     rec = {"variant": cell.variant, "method": cell.method, "kind": cell.kind, "seed": cell.seed,
            "config_hash": config_hash, "steps": steps, "mlflow_run_id": run_id, "timings": timings,
@@ -376,6 +377,11 @@ def run_ablation(ap: AblateParams, base: dict[str, dict], where: str = "params",
     unknown = set(base) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)} for the ablation; expected {SECTIONS}")
+    with output_lock(ap.root, "campe ablate", flag="--root"):  # its cells and caches: one ablation at a time
+        return _run_grid(ap, base, where, log)
+
+
+def _run_grid(ap: AblateParams, base: dict[str, dict], where: str, log: Callable[[str], None]) -> dict[str, Any]:
     cells = grid(ap)
     caches_done: set[str] = set()
     ran = skipped = 0

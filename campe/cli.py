@@ -21,6 +21,7 @@ import importlib
 import sys
 
 from campe.config import ConfigError
+from campe.io import OutputInUse
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, OutputInUse) as e:
         # User-facing errors: one clear line, no traceback.
         print(f"campe {name}: error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""Small I/O helpers: atomic writes, so a killed run never leaves a half-written file behind."""
+"""Small I/O helpers: atomic writes (a killed run never leaves a half-written file behind) and the lock of an output
+folder (two runs never write into one folder at once)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -55,3 +57,112 @@ def git_commit(cwd: str | None = None) -> str | None:
 def utc_stamp() -> str:
     """Now in UTC, as the <date> part of MLflow run names: 2026-11-23T07:32:00Z."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------------- output locks
+
+class OutputInUse(RuntimeError):
+    """Another run holds the lock of an output folder (the message names the folder and the holder)."""
+
+
+_HELD: dict[str, int] = {}  # lock path -> nesting depth in this process (a stage inside a stage of the same run)
+
+
+def lock_path(folder: str | Path, part: str = "") -> Path:
+    """The lock file of an output folder: a hidden sibling `.<name>[.<part>].campe-lock`, never inside the folder,
+    so DVC never hashes it (an output's parent is never itself a DVC output) and it survives the folder's removal."""
+    folder = Path(os.path.abspath(folder))
+    return folder.parent / f".{folder.name}{'.' + part if part else ''}.campe-lock"
+
+
+def _holder(path: Path) -> dict[str, Any] | None:
+    """The holder's info written into the lock file (None: empty, unreadable or written by a dead process)."""
+    import socket
+
+    try:
+        info = json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return None  # stale: left by a killed run whose lock the current holder took a moment ago
+        except (OSError, ValueError):
+            pass
+    return info
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | Path, what: str, *, flag: str = "--out", part: str = "") -> Iterator[Path]:
+    """Hold the exclusive lock of output folder `folder` (filelock: an OS lock, released by the kernel when the
+    process dies, so a killed run never blocks the next one). `what` (e.g. "campe train") and the pid, host and
+    UTC start time are written into the lock file for the message another run gets. Fails at once, never waits:
+    OutputInUse naming the folder, the holder and `flag` (the option that picks another folder). Re-entrant
+    within a process. `part`: a lock of its own for a share of the folder (a rank of a multi-process run)."""
+    import socket
+
+    from filelock import FileLock, Timeout
+
+    path = lock_path(folder, part)
+    key = str(path)
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+        return
+    info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "started": utc_stamp(),
+            "folder": str(folder)}
+
+    def write_info(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0, on_acquired=write_info)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = None
+        for _ in range(40):  # the holder writes its info right after taking the lock: give it a moment
+            holder = _holder(path)
+            if holder:
+                break
+            time.sleep(0.05)
+        who = (f"{holder.get('what', 'a run')}, pid {holder.get('pid')} on host {holder.get('host')}, started "
+               f"{holder.get('started')}" if holder else f"holder unknown; lock file {path}")
+        raise OutputInUse(f"{folder} is in use by another run ({who}); wait for it or use another {flag}") from None
+    _HELD[key] = 1
+    try:
+        yield path
+    finally:
+        _HELD.pop(key, None)
+        try:
+            os.truncate(path, 0)  # still ours: the next reader of a free lock finds no stale holder
+        except OSError:
+            pass
+        lock.release()
+
+
+# ---------------------------------------------------------------------------------------------------- MLflow store
+
+def store_uri(uri: str, base_dir: str | Path | None) -> str:
+    """An MLflow tracking URI with a relative local store made absolute against `base_dir` (the folder of the params
+    file that names it): `sqlite:///mlflow.db` is <base_dir>/mlflow.db wherever the command runs, not a new empty
+    store in the working directory. Resolved at use time only: params and train_config.json keep the relative form,
+    so no DVC output records where the checkout lives. base_dir None: unchanged (relative to the working dir)."""
+    if not uri or base_dir is None:
+        return uri
+    base = Path(os.path.abspath(base_dir))
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///"):]
+        if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
+            return f"sqlite:///{base / rest}"
+        return uri
+    if "://" not in uri and not uri.startswith("/") and ":" not in uri.split("/")[0]:
+        return str(base / uri)  # a plain local folder store (mlruns)
+    return uri

@@ -53,6 +53,17 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa")  # the ones that take a custom 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL = "minilm"  # the packaged sentence-transformers/all-MiniLM-L6-v2
 APT = "{apt}"
+# The LM families whose layers this module drives itself (config.model_type), each checked for exactness against the
+# unmodified model (tests/test_multiprompt.py). Another family may load and even look alike (Gemma3 has
+# .embed_tokens/.layers/.rotary_emb but a rotary embedding per layer type) and then fail or be silently wrong.
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")
+DECODER_TYPES = ("llama", "gemma", "gemma2", "qwen2", "qwen3", "mistral", "olmo2")
+# What a model folder must hold (any one name of each group), as written by save_pretrained.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+FOLDER_NEEDS = ("config.json, the weights (model.safetensors or pytorch_model.bin) and the tokenizer files "
+                "(tokenizer.json or tokenizer_config.json with its vocabulary), as written by save_pretrained")
 
 
 @dataclass
@@ -270,11 +281,12 @@ class MultiPromptTextEncoder(nn.Module):
         cfg.validate()
         self.cfg, self.lm, self.tokenizer = cfg, lm, tokenizer
         c = lm.config
+        check_model_type(getattr(c, "model_type", ""), type(lm).__name__)
         if hasattr(lm, "embeddings") and hasattr(getattr(lm, "encoder", None), "layer"):
             self.family = "encoder"  # BERT, RoBERTa, ...: absolute positions in the embedding block, no final norm
             self.causal = bool(getattr(c, "is_decoder", False))
         elif hasattr(lm, "layers") and hasattr(lm, "embed_tokens") and hasattr(lm, "rotary_emb"):
-            self.family = "decoder"  # Llama, Gemma, Gemma2, Qwen2, Mistral, ...: RoPE, final norm
+            self.family = "decoder"  # Llama, Gemma, Gemma2, Qwen2, Qwen3, Mistral, OLMo2: RoPE, final norm
             self.causal = not getattr(c, "use_bidirectional_attention", False)
         else:
             raise ValueError(f"unsupported language model class {type(lm).__name__}: expected a BERT-style encoder "
@@ -522,6 +534,41 @@ def resolve_model_path(model_path: str) -> str:
     return model_path
 
 
+def check_model_type(model_type: str, class_name: str, where: str = "text_encoder.model_path") -> None:
+    """Refuse an LM family this module does not drive (see ENCODER_TYPES / DECODER_TYPES), naming what it does."""
+    if model_type in ENCODER_TYPES + DECODER_TYPES:
+        return
+    raise ValueError(f"{where}: unsupported language model class {class_name} (model_type '{model_type}'); campe "
+                     f"supports the BERT-style encoders {', '.join(ENCODER_TYPES)} and the decoders "
+                     f"{', '.join(DECODER_TYPES)}: point text_encoder.model_path at a checkpoint of one of those")
+
+
+def check_model_folder(path: str, model_path: str) -> None:
+    """Before loading anything: the folder holds config.json, weights and a tokenizer, and its model_type is one
+    this module supports. Each error names text_encoder.model_path, the folder and what it must hold."""
+    where = f"text_encoder.model_path '{model_path}'"
+    if os.path.isdir(path):
+        present = set(os.listdir(path))
+        for what, names in (("config.json", ("config.json",)), ("weights", WEIGHT_FILES),
+                            ("tokenizer files", TOKENIZER_FILES)):
+            if not present & set(names):
+                raise FileNotFoundError(f"{where}: the folder {path} has no {what}; a model folder must hold "
+                                        f"{FOLDER_NEEDS}")
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{where}: {path}/config.json cannot be read by transformers ({reason}); a model folder "
+                         f"must hold {FOLDER_NEEDS}") from None
+    from transformers import MODEL_MAPPING
+    try:
+        class_name = MODEL_MAPPING[type(config)].__name__  # what AutoModel would build
+    except (KeyError, ValueError, AttributeError):
+        class_name = type(config).__name__
+    check_model_type(getattr(config, "model_type", ""), class_name, where)
+
+
 def _select_attention(model: nn.Module, requested: str) -> str:
     """Put the model on an attention implementation that takes a custom 4-D float mask; return its name."""
     softcap = getattr(model.config, "attn_logit_softcapping", None)  # Gemma2: sdpa raises on softcap
@@ -556,8 +603,14 @@ def build_text_encoder(cfg: MultiPromptConfig | None = None, *, model: nn.Module
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
         path = resolve_model_path(cfg.model_path)
+        check_model_folder(path, cfg.model_path)  # before loading any weights
         hf_logging.disable_progress_bar()
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:  # a vocabulary missing or not matching tokenizer_config.json
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"text_encoder.model_path '{cfg.model_path}': the tokenizer in {path} cannot be "
+                             f"loaded ({reason}); a model folder must hold {FOLDER_NEEDS}") from None
         model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
     elif tokenizer is None:
         raise ValueError("build_text_encoder(model=...) also needs tokenizer=...")

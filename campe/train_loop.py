@@ -29,6 +29,7 @@ RNG states (dropout) are restored, so on CPU a run of 2N steps equals N steps + 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -49,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from campe.config import ConfigError, from_dict
-from campe.io import atomic_write_bytes, atomic_write_json
+from campe.io import OutputInUse, atomic_write_bytes, atomic_write_json, output_lock, store_uri
 from campe.losses import CampeObjective, LossConfig, total_loss
 from campe.model import CLIPModel, ModelConfig, build_model, save_config
 from campe.multiprompt import MultiPromptConfig, PromptLayout
@@ -114,7 +115,7 @@ class TrainParams:
     log_every: int = 10  # steps between metric flushes (every step is logged; this sets how often)
     ckpt_every: int = 200  # steps between checkpoints (and one at the end); 0 = only at the end
     progress: bool = True  # tqdm bar (samples/s, ETA) on rank 0; CAMPE_NO_PROGRESS=1 also turns it off
-    tracking_uri: str = "sqlite:///mlflow.db"  # MLflow store; "" = no MLflow
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLflow store (a relative one: beside the params file); "" = none
     experiment: str = "campe"
     artifact_root: str = "mlartifacts"  # a new experiment stores its artifacts in <artifact_root>/<experiment>
     run_name: str = ""  # MLflow run name; "" = train/<method>/<UTC date>
@@ -157,6 +158,9 @@ class RunConfig:
     model: ModelConfig
     loss: LossConfig
     train: TrainParams
+    # The folder a relative train.tracking_uri / artifact_root is resolved against (the params file's; "" = the
+    # working dir). Not part of the config: never saved, never hashed.
+    base_dir: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method,
@@ -488,15 +492,15 @@ def set_rng_state(s: dict[str, Any]) -> None:
 class Tracker:
     """One MLflow run through explicit run ids (MlflowClient), never the fluent thread-local active run."""
 
-    def __init__(self, tp: TrainParams, run_id: str | None = None, config_hash: str = ""):
+    def __init__(self, tp: TrainParams, run_id: str | None = None, config_hash: str = "", base_dir: str = ""):
         """A new run (named train/<method>/<UTC date> unless train.run_name is set, tagged with the git commit and
         `campe.config_hash`, the resolved config's hash that is also its `params_hash` param) or, with run_id, the
         run a resumed training continues. (`campe.params_hash` is the flow's tag: the raw params sections' sha256.)"""
         from mlflow.tracking import MlflowClient
-        self.client = MlflowClient(tracking_uri=tp.tracking_uri)
+        self.client = MlflowClient(tracking_uri=store_uri(tp.tracking_uri, base_dir or None))
         exp = self.client.get_experiment_by_name(tp.experiment)
         if exp is None:
-            location = (Path(tp.artifact_root).resolve() / tp.experiment).as_uri()
+            location = (Path(base_dir or ".", tp.artifact_root).resolve() / tp.experiment).as_uri()
             exp_id = self.client.create_experiment(tp.experiment, artifact_location=location)
         else:
             exp_id = exp.experiment_id
@@ -660,10 +664,33 @@ def train(cfg: RunConfig, *, source: Any = None, model: CLIPModel | None = None,
     tp = cfg.train
     info = init_distributed(tp.device)
     try:
-        return _train(cfg, info, source, model, resume, stop_at, checkpoint_at_stop)
+        with _out_dir_lock(tp.out_dir, info):
+            return _train(cfg, info, source, model, resume, stop_at, checkpoint_at_stop)
     finally:
         if info.initialised_here:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _out_dir_lock(out_dir: str, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds out_dir's lock (campe.io.output_lock) for the run (only rank 0 writes there); every rank learns
+    whether it got it, so on a refusal all ranks stop at once and none waits in a collective."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if info.main:
+            try:
+                stack.enter_context(output_lock(out_dir, "campe train"))
+            except OutputInUse as e:
+                error = str(e)
+        if info.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            if info.main:
+                raise OutputInUse(error)
+            raise SystemExit(1)  # rank 0 reports it: one line, not one per rank
+        yield
 
 
 def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None, resume: bool,
@@ -744,7 +771,7 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
         atomic_write_json(out / "train_config.json", {"config": config_dict, "params_hash": cfg.hash(),
                                                       "resume_hash": cfg.hash(runtime=False)})
         if tp.tracking_uri:
-            tracker = Tracker(tp, run_id, config_hash=cfg.hash())
+            tracker = Tracker(tp, run_id, config_hash=cfg.hash(), base_dir=cfg.base_dir)
             new_run, run_id = run_id is None, tracker.run_id
             (out / RUN_ID_FILE).write_text(run_id + "\n")
             if new_run:

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any
 from prefect import flow, task
 
 from campe.config import load_params, read_yaml
-from campe.io import git_commit, utc_stamp
+from campe.io import git_commit, store_uri, utc_stamp
 from campe.multiprompt import MultiPromptConfig
 from campe.synth import SynthParams
 from campe.train_loop import RUN_ID_FILE, TrainParams
@@ -86,12 +87,12 @@ class RunContext:
                 "campe.params_hash": params_hash(self.params_file, STAGE_SECTIONS[stage])}
 
 
-def _experiment_id(client, tp: TrainParams) -> str:
+def _experiment_id(client, tp: TrainParams, base_dir: str) -> str:
     """The training loop's experiment (same name and artifact location as campe.train_loop.Tracker makes)."""
     exp = client.get_experiment_by_name(tp.experiment)
     if exp is not None:
         return exp.experiment_id
-    location = (Path(tp.artifact_root).resolve() / tp.experiment).as_uri()
+    location = (Path(base_dir, tp.artifact_root).resolve() / tp.experiment).as_uri()
     return client.create_experiment(tp.experiment, artifact_location=location)
 
 
@@ -102,8 +103,10 @@ def start_parent_run(params_file: str, flow_run_id: str | None) -> RunContext | 
     tp = load_params(params_file, "train", TrainParams)
     if not tp.tracking_uri:
         return None
-    client = MlflowClient(tracking_uri=tp.tracking_uri)
-    exp_id = _experiment_id(client, tp)
+    base_dir = _base(params_file)  # a relative store lives beside the params file
+    uri = store_uri(tp.tracking_uri, base_dir)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, tp, base_dir)
     tags = {"campe.flow_params_file": str(params_file)}
     commit = git_commit()
     if commit:
@@ -111,7 +114,7 @@ def start_parent_run(params_file: str, flow_run_id: str | None) -> RunContext | 
     if flow_run_id:
         tags["prefect.flow_run_id"] = str(flow_run_id)
     date = utc_stamp()
-    ctx = RunContext(tp.tracking_uri, exp_id, "", params_file, tp.method, date, tags)
+    ctx = RunContext(uri, exp_id, "", params_file, tp.method, date, tags)
     all_sections = tuple(dict.fromkeys(s for v in STAGE_SECTIONS.values() for s in v))
     run = client.create_run(exp_id, run_name=ctx.run_name("flow"),
                             tags={**tags, "campe.stage": "flow",
@@ -216,17 +219,21 @@ def train_task(params_file: str, ctx: RunContext | None = None) -> dict[str, Any
     return {**summary, "mlflow_run_id": summary.get("run_id")}
 
 
+def _base(params_file: str) -> str:
+    return os.path.dirname(os.path.abspath(params_file))
+
+
 @task(name="evaluate")
 def evaluate_task(params_file: str, ctx: RunContext | None = None) -> dict[str, Any]:
     """Evaluation logs into the training run (campe evaluate); the evaluate child gets the same metrics."""
     p = load_params(params_file, "evaluate", EvaluateParams)
     if ctx is None:
-        return {name: r["record"]["metrics"] for name, r in evaluate_stage(p).items()}
+        return {name: r["record"]["metrics"] for name, r in evaluate_stage(p, base_dir=_base(params_file)).items()}
     id_file = Path(p.checkpoint) / RUN_ID_FILE
     train_run = id_file.read_text().strip() if id_file.exists() else ""
 
     def run() -> dict[str, Any]:
-        return {name: r["record"]["metrics"] for name, r in evaluate_stage(p).items()}
+        return {name: r["record"]["metrics"] for name, r in evaluate_stage(p, base_dir=_base(params_file)).items()}
 
     out = _tracked("evaluate", ctx, run, to_metrics=_eval_metrics)
     if train_run:

@@ -43,7 +43,7 @@ from campe.cache import (
     ShardWriter, _image_bytes, _shard_samples, cache_manifest, cache_shard_path, is_disk_full, iter_tar_samples,
     manifest_differences, remove_stale_temps, shard_meta, tar_source_digest, verify_cache_shard)
 from campe.config import load_params
-from campe.io import atomic_write_json
+from campe.io import atomic_write_json, output_lock
 from campe.multiprompt import MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
 from campe.shards import shard_paths
 
@@ -189,6 +189,14 @@ def cache_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, repair: bool
         raise ValueError(f"on_mismatch must be one of {MISMATCH}, got {on_mismatch!r}")
     rank = _env_int("RANK", 0) if rank is None else rank
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    # The ranks share no process group: rank 0 takes the folder's lock (the one a single process takes), rank r > 0
+    # a lock of its own, so a second launch fails at its rank 0 at once.
+    with output_lock(p.output_dir, "campe cache", part=f"rank{rank}" if rank else ""):
+        return _cache(p, text_encoder, repair, overwrite, on_mismatch, rank, world_size, encoder)
+
+
+def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwrite: bool, on_mismatch: str,
+           rank: int, world_size: int, encoder: MultiPromptTextEncoder | None) -> dict[str, Any]:
     threads = _threads(p.threads)
     torch.set_num_threads(threads)
     out = Path(p.output_dir)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from campe.config import load_params
-from campe.io import atomic_write_json
+from campe.io import atomic_write_json, output_lock
 from campe.shards import shard_paths, sort_shard
 
 INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
@@ -210,7 +210,13 @@ def roll_up_stats(out: Path, total_rows: int, seconds: float, attempted: int) ->
 
 # ---------------------------------------------------------------------------------------------------------- stage
 def download_stage(p: DownloadParams, retry_failed: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run (or resume) the download; with `retry_failed`, add a pass over the rows that failed so far."""
+    """Run (or resume) the download; with `retry_failed`, add a pass over the rows that failed so far. Holds the
+    output folder's lock (campe.io.output_lock) throughout."""
+    with output_lock(p.output_dir, "campe download"):
+        return _download(p, retry_failed, overwrite)
+
+
+def _download(p: DownloadParams, retry_failed: bool, overwrite: bool) -> dict[str, Any]:
     out = Path(p.output_dir)
     list_path = Path(p.url_list)
     df = read_url_list(list_path, p)

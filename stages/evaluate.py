@@ -35,7 +35,7 @@ from campe.config import load_params
 from campe.embed import Embedder
 from campe.evaldata import (ZERO_SHOT_TEMPLATES, class_folder, class_prompts, load_karpathy, load_msrvtt,
                             make_zero_shot_folders)
-from campe.io import atomic_write_json
+from campe.io import atomic_write_json, store_uri
 from campe.retrieval import eval_record, retrieval_metrics, zero_shot_classify
 
 
@@ -209,19 +209,48 @@ def mlflow_metric_name(dataset: str, metric: str) -> str:
     return f"eval/{dataset}/{metric.replace('@', '_at_')}"
 
 
-def log_to_training_run(p: EvaluateParams, tracking_uri: str, results: dict[str, dict[str, Any]]) -> str | None:
-    """Log every metric (as `eval/<set>/<metric>`, see mlflow_metric_name), metrics JSON and picture into the training run whose id is in
-    the checkpoint's mlflow_run_id.txt. Returns that run id (None when there is no run to log into)."""
-    id_file = Path(p.checkpoint) / "mlflow_run_id.txt"
-    if not tracking_uri or not id_file.exists():
+def training_run(checkpoint: str, base_dir: str | None) -> tuple[str, str] | None:
+    """(store URI, run id) of the MLflow training run the checkpoint names in mlflow_run_id.txt, checked to be in
+    its store (train.tracking_uri of train_config.json; a relative one resolved against `base_dir`, the params
+    file's folder). None when there is nothing to log into. Checked before any work, and without creating a store:
+    a run that is not there is one ValueError line naming the run, the store and the fix."""
+    id_file, cfg_file = Path(checkpoint) / "mlflow_run_id.txt", Path(checkpoint) / "train_config.json"
+    if not id_file.exists() or not cfg_file.exists():
+        return None  # no run recorded (load_trained_model names a missing train_config.json)
+    raw = json.loads(cfg_file.read_text())["config"]["train"].get("tracking_uri", "")
+    if not raw:
+        return None
+    uri, run_id = store_uri(raw, base_dir), id_file.read_text().strip()
+    fix = ("pass the --params of the project that trained it (a relative train.tracking_uri "
+           f"{raw!r} is resolved against the params file's folder)" if uri != raw else
+           f"check train.tracking_uri {raw!r} in {cfg_file}")
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if db is not None and not db.exists():  # MLflow would create an empty store here, then not find the run
+        raise ValueError(f"the MLflow training run {run_id} named in {id_file} cannot be logged into: there is no "
+                         f"store {db}; {fix}")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    try:
+        MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"the MLflow training run {run_id} named in {id_file} is not in the store {uri}; "
+                         f"{fix}") from None
+    return uri, run_id
+
+
+def log_to_training_run(p: EvaluateParams, run: tuple[str, str] | None, results: dict[str, dict[str, Any]]
+                        ) -> str | None:
+    """Log every metric (as `eval/<set>/<metric>`, see mlflow_metric_name), metrics JSON and picture into the
+    training run `run` = (store URI, run id) from training_run. Returns that run id (None: no run to log into)."""
+    if run is None:
         return None
     import time
 
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+    tracking_uri, run_id = run
     client = MlflowClient(tracking_uri=tracking_uri)
-    run_id = id_file.read_text().strip()
     now = int(time.time() * 1000)
     # MLflow refuses '@' in metric names: i2t_R@1 is logged as eval/<set>/i2t_R_at_1.
     metrics = [Metric(mlflow_metric_name(name, k), float(v), now, 0)
@@ -261,16 +290,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--plots-dir", help="overrides evaluate.plots_dir")
 
 
-def run_stage(p: EvaluateParams, device: str = "cpu") -> dict[str, dict[str, Any]]:
+def run_stage(p: EvaluateParams, device: str = "cpu", base_dir: str | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate p.checkpoint on every configured set and log into its training run. base_dir: the params file's
+    folder, against which a relative MLflow store of the checkpoint is resolved (None: the working dir)."""
     from campe.train_loop import load_trained_model
 
+    run = training_run(p.checkpoint, base_dir)  # before any work: a run that is not there is an error now
     model, cfg = load_trained_model(p.checkpoint, device=device)
     # Both text towers take a list of captions (the multi-prompt one builds its prompt layout itself).
     emb = Embedder(model, text_batch=lambda captions: captions, batch_size=p.batch_size, frames=p.video_frames,
                    progress=os.environ.get("CAMPE_NO_PROGRESS") != "1")
     with tempfile.TemporaryDirectory(prefix="campe-eval-") as work:
         results = evaluate_all(p, emb, Path(work))
-    log_to_training_run(p, cfg.train.tracking_uri, results)
+    log_to_training_run(p, run, results)
     return results
 
 
@@ -300,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     if not (p.image_sets or p.video_sets or p.zero_shot_root):
         raise ValueError(f"nothing to evaluate: {args.params}:evaluate has no image_sets, no video_sets and an "
                          "empty zero_shot_root (and none was named with --image-set / --video-set / --zero-shot)")
-    results = run_stage(p)
+    results = run_stage(p, base_dir=os.path.dirname(os.path.abspath(args.params)))
     summary = {name: {k: round(v, 2) for k, v in r["record"]["metrics"].items() if "R@1" in k or "top1" in k}
                for name, r in results.items()}
     print(json.dumps(summary))

@@ -13,6 +13,7 @@ import json
 import time
 
 from campe.config import load_params
+from campe.io import output_lock
 from campe.synth import SynthParams, generate
 
 DEFAULT_OUT = "data/generated"
@@ -25,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_stage(params: SynthParams, out: str) -> dict:
     t0 = time.perf_counter()
-    summary = generate(params, out)
+    with output_lock(out, "campe generate"):
+        summary = generate(params, out)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
 

@@ -39,7 +39,9 @@ def load_run_config(path: str, overrides: dict[str, Any] | None = None) -> RunCo
     data = check_params(path)
     sections = {k: dict(data.get(k) or {}) for k in TRAIN_SECTIONS}
     sections["train"].update(overrides or {})
-    return resolve_run_config(sections, str(path))
+    cfg = resolve_run_config(sections, str(path))
+    cfg.base_dir = os.path.dirname(os.path.abspath(path))  # a relative MLflow store lives beside the params file
+    return cfg
 
 
 def run_stage(cfg: RunConfig, resume: bool = False, stop_at: int | None = None) -> dict:

@@ -109,6 +109,13 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo):
     assert run.data.metrics["eval/generated_msrvtt/v2t_R_at_5"] == pytest.approx(vid["v2t_R@5"])
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
 
+    # Each stage held its output folder's lock (campe.io.output_lock): a hidden file beside the folder, outside
+    # every DVC output, so the second repro below stays a no-op.
+    for out in ("data/generated", "data/shards/train", "data/cache/train", "data/models/campe"):
+        lock = (repo / out).parent / f".{Path(out).name}.campe-lock"
+        assert lock.exists() and lock.read_text() == "", lock  # released: no holder left in it
+        assert not list((repo / out).rglob("*.campe-lock")), out
+
     # A second repro is a no-op and the workspace is clean.
     assert _repro(repo) == []
     assert "Data and pipelines are up to date" in _sh(repo, str(BIN / "dvc"), "status")

@@ -1,6 +1,6 @@
 """Multi-prompt text encoder: exactness against the unmodified LM, the prompt-wise mask, gradients, pooling, errors.
 
-Tiny decoders (Llama, Gemma, Gemma2, Qwen2, Mistral) are built from configs with random weights; the encoder tests
+Tiny decoders (Llama, Gemma, Gemma2, Qwen2, Qwen3, Mistral, OLMo2) are built from configs with random weights; the encoder tests
 use the packaged MiniLM-L6. Nothing is downloaded.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from transformers import AutoModel  # noqa: E402
 
 from campe.config import ConfigError, from_dict  # noqa: E402
 from campe.multiprompt import (  # noqa: E402
-    POOLINGS, MultiPromptConfig, PromptLayout, build_layout, build_text_encoder, prompt_attention_mask,
+    DECODER_TYPES, POOLINGS, MultiPromptConfig, PromptLayout, build_layout, build_text_encoder, prompt_attention_mask,
     resolve_model_path)
 
 CAPTIONS = ["a dog", "a red circle on a blue background next to a small green square", "two cats on a mat"]
@@ -31,11 +31,13 @@ def minilm(minilm_lm, tok):
 
 
 def tiny_decoder(family: str, vocab_size: int, layers: int = 3) -> torch.nn.Module:
-    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config,
+                              Qwen3Config)
     cls, extra = {"llama": (LlamaConfig, {}), "gemma": (GemmaConfig, {}),
                   # small windows so the sliding-window layers really cut the caption off for later prompt tokens
                   "gemma2": (Gemma2Config, {"sliding_window": 6}), "qwen2": (Qwen2Config, {}),
-                  "mistral": (MistralConfig, {"sliding_window": 5})}[family]
+                  "qwen3": (Qwen3Config, {}), "mistral": (MistralConfig, {"sliding_window": 5}),
+                  "olmo2": (Olmo2Config, {"eos_token_id": None, "pad_token_id": 0})}[family]
     torch.manual_seed(0)
     cfg = cls(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, head_dim=16, vocab_size=vocab_size, **extra)
@@ -44,7 +46,7 @@ def tiny_decoder(family: str, vocab_size: int, layers: int = 3) -> torch.nn.Modu
 
 # ------------------------------------------------------------------------------------------------ exactness
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", DECODER_TYPES)  # every decoder family the encoder accepts
 @pytest.mark.parametrize("trainable", ["all", "last"])
 @pytest.mark.parametrize("attn", ["auto", "eager"])
 def test_decoder_prompt_equals_running_caption_plus_prompt_alone(family, trainable, attn, tok):
