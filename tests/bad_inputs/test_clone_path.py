@@ -187,3 +187,16 @@ def test_download_of_a_relative_list_records_no_checkout_path(generated, http_ro
     written = [root / "stats.json", *(f for f in (root / "shards").rglob("*") if f.is_file())]
     assert len(list((root / "shards").glob("pass-01/*.tar"))) == 1
     assert not [f for f in written if _holds(f, str(root))]
+
+
+def test_cache_manifest_of_the_packaged_model_names_no_venv_folder():
+    """A cache of the packaged model ("minilm") records it by that name: its folder lies inside the checkout's venv
+    (`make repro` makes one per clone), so the resolved path would make every clone's cache manifest differ."""
+    from campe.cache import cache_manifest
+    from campe.multiprompt import build_text_encoder, resolve_model_path
+
+    encoder = build_text_encoder(model_path="minilm", k=2)
+    manifest = cache_manifest(encoder)
+    assert manifest["model_path"] == manifest["tokenizer"] == "minilm"
+    folder = str(Path(resolve_model_path("minilm")).parent)
+    assert not [k for k, v in manifest.items() if folder in json.dumps(v)]
