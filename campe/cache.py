@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from campe.multiprompt import MultiPromptTextEncoder, PromptLayout
+from campe.multiprompt import DEFAULT_MODEL, MultiPromptTextEncoder, PromptLayout, resolve_model_path
 from campe.shards import sample_key
 
 CACHE_FORMAT = 1
@@ -151,6 +151,15 @@ def tokenizer_hash(encoder: MultiPromptTextEncoder) -> str:
                          "prompt_ids": encoder.prompt_ids, "apt_offsets": encoder.apt_offsets})
 
 
+def _tokenizer_source(encoder: MultiPromptTextEncoder) -> str | None:
+    """Where the tokenizer came from, as the config names it: the packaged model ("minilm") resolves to a folder
+    inside the venv, whose path is no property of the cache (and would make the manifest differ per checkout)."""
+    name = getattr(encoder.tokenizer, "name_or_path", None)
+    if encoder.cfg.model_path == DEFAULT_MODEL and name == resolve_model_path(DEFAULT_MODEL):
+        return DEFAULT_MODEL
+    return name
+
+
 def cache_manifest(encoder: MultiPromptTextEncoder, dtype: str = "float16") -> dict[str, Any]:
     """The manifest a cache of `encoder` in storage `dtype` must carry (compared fields + informational ones)."""
     if dtype not in CACHE_DTYPES:
@@ -162,7 +171,7 @@ def cache_manifest(encoder: MultiPromptTextEncoder, dtype: str = "float16") -> d
         "model_class": type(lm).__name__,
         "model_hash": frozen_model_hash(encoder),
         "model_revision": getattr(lm.config, "_commit_hash", None),
-        "tokenizer": getattr(encoder.tokenizer, "name_or_path", None),
+        "tokenizer": _tokenizer_source(encoder),
         "tokenizer_hash": tokenizer_hash(encoder),
         "pooling": cfg.pooling,
         "template": cfg.template,

@@ -3,14 +3,16 @@
     from campe.shards import shard_paths, iter_samples, sort_shard
     for s in iter_samples("data/shards/train"):    # {"__key__", "jpg": PIL.Image, "txt": str, "json": dict}
         ...
-    sort_shard("data/shards/train/pass-00/00000.tar")   # samples in key order (the download stage does this)
+    sort_shard("data/shards/train/pass-00/00000.tar")   # key order, fixed mtimes (the download stage does this)
 """
 from __future__ import annotations
 
+import copy
+import io
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from campe.io import atomic_file
 
@@ -42,18 +44,30 @@ def sample_key(member_name: str) -> str:
     return os.path.join(head, base.partition(".")[0])
 
 
-def sort_shard(path: str | Path) -> bool:
-    """Rewrite a webdataset tar with its samples in key order, atomically; False (and untouched) if already so.
+MEMBER_MTIME = 0  # every member of a rewritten shard: webdataset stamps the write time, so bytes differ per run
+
+
+def sort_shard(path: str | Path, fix_json: Callable[[bytes], bytes | None] | None = None) -> bool:
+    """Rewrite a webdataset tar with its samples in key order and a fixed member mtime, atomically; `fix_json` maps
+    each `.json` member's bytes to new bytes (None: keep them). False (and untouched) if nothing changes.
 
     img2dataset's download threads write samples in completion order, so two downloads of one URL list give the
     same samples in different orders, and training (which reads shards in file order) would see other batches.
-    Keys are the row order within a shard, so sorting makes a re-download train the same model. Members are
-    copied by seeking, not loaded: memory stays at one member."""
+    Keys are the row order within a shard, so sorting makes a re-download train the same model, and with the fixed
+    mtime a re-download writes the same bytes. Members are copied by seeking, not loaded: memory stays at one
+    member (plus the small `.json` members when `fix_json` is given)."""
     path = Path(path)
     with tarfile.open(path, mode="r:") as tar:
         members = tar.getmembers()  # headers only: the data is seeked over
         keys = list(dict.fromkeys(sample_key(m.name) for m in members))
-        if keys == sorted(keys):
+        fixed: dict[str, bytes] = {}
+        if fix_json is not None:
+            for m in members:
+                if m.isfile() and m.name.endswith(".json"):
+                    new = fix_json(tar.extractfile(m).read())
+                    if new is not None:
+                        fixed[m.name] = new
+        if keys == sorted(keys) and not fixed and all(m.mtime == MEMBER_MTIME for m in members):
             return False
         by_key: dict[str, list[tarfile.TarInfo]] = {}
         for m in members:
@@ -61,5 +75,13 @@ def sort_shard(path: str | Path) -> bool:
         with atomic_file(path) as f, tarfile.open(fileobj=f, mode="w", format=tar.format) as out:
             for key in sorted(by_key):
                 for m in by_key[key]:
-                    out.addfile(m, tar.extractfile(m) if m.isfile() else None)
+                    info = copy.copy(m)  # the original header still locates the member's data for extractfile
+                    info.mtime = MEMBER_MTIME
+                    # A pax header (webdataset's float mtime) would win over the fields set here.
+                    info.pax_headers = {k: v for k, v in m.pax_headers.items() if k not in ("mtime", "size")}
+                    if m.name in fixed:
+                        info.size = len(fixed[m.name])
+                        out.addfile(info, io.BytesIO(fixed[m.name]))
+                    else:
+                        out.addfile(info, tar.extractfile(m) if m.isfile() else None)
     return True

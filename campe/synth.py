@@ -11,7 +11,9 @@ or changing, captioned with the motion and the attributes.
 
 Everything is written in the formats real datasets use, so the same loaders read both:
   images/<key>.jpg + dataset_karpathy.json      Karpathy split (images[].filename/split/sentences[].raw)
-  urls/{train,val,test}.parquet                 img2dataset URL lists (url, caption, image_id, split, aspects, scene)
+  urls/{train,val,test}.parquet                 URL lists (url, caption, image_id, split, aspects, scene); each url is
+                                                relative to the list's folder (../images/<key>.jpg), so the set does
+                                                not depend on where it lies (campe download resolves it)
   msrvtt/videos/<video_id>.mp4                  real H.264 mp4 containers (PyAV)
   msrvtt/MSRVTT_data.json                       videos[] + sentences[] (caption, video_id, sen_id)
   msrvtt/MSRVTT_JSFUSION_test.csv               1k-A style test list: one caption per video (key,vid_key,video_id,sentence)
@@ -33,11 +35,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: URLs relative to the list's folder (were absolute file:// URLs)
 
 SHAPES = ["circle", "square", "triangle", "hexagon", "star", "cross"]
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -425,7 +428,7 @@ def generate(p: SynthParams, out_dir: str | Path) -> dict[str, Any]:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        summary = _generate_into(p, tmp, final_dir=out_dir)
+        summary = _generate_into(p, tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
@@ -439,7 +442,7 @@ def generate(p: SynthParams, out_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def _generate_into(p: SynthParams, root: Path, final_dir: Path) -> dict[str, Any]:
+def _generate_into(p: SynthParams, root: Path) -> dict[str, Any]:
     (root / "images").mkdir()
     (root / "urls").mkdir()
     vid_dir = root / "msrvtt" / "videos"
@@ -464,8 +467,9 @@ def _generate_into(p: SynthParams, root: Path, final_dir: Path) -> dict[str, Any
                     sentences.append({"raw": c["caption"], "tokens": c["caption"].split(), "imgid": len(karpathy),
                                       "sentid": sentid, "aspects": c["aspects"]})
                     sentid += 1
-                    # URLs point at the final location, not the temp dir we are writing into.
-                    urls[split].append({"url": (final_dir / "images" / filename).as_uri(), "caption": c["caption"],
+                    # A relative URL (RFC 3986 reference, resolved against the list file's own URL): an absolute
+                    # one would put the checkout's path into every hash downstream.
+                    urls[split].append({"url": f"../images/{quote(filename)}", "caption": c["caption"],
                                         "image_id": image_id, "split": split, "aspects": json.dumps(c["aspects"]),
                                         "scene": json.dumps(scene)})
                 karpathy.append({"filepath": "images", "filename": filename, "imgid": len(karpathy), "split": split,

@@ -10,8 +10,14 @@ Layout of the output folder (one sub-folder per pass; every pass is plain img2da
     <out>/pass-01/...                 a --retry-failed pass: only the rows that had failed so far
     <out>/fingerprint.json            what the shards were made from (list hash + parameters)
 `uid` is the row's index in the original URL list; a sample counts as downloaded if any pass fetched it. Each
-finished tar is rewritten with its samples in key order (campe.shards.sort_shard), so a re-download is the same
-training data in the same order.
+finished tar is rewritten with its samples in key order and fixed member mtimes (campe.shards.sort_shard), so a
+re-download is the same training data in the same order, in the same bytes.
+
+Relative URLs: a url without a scheme (`../images/a.jpg`, as `campe generate` writes) is a reference relative to
+the URL list's own location (RFC 3986). Only the temporary list handed to img2dataset holds it resolved (an absolute
+file:// URL); every file written here (`_lists/`, each shard's .parquet and each sample's .json) keeps the url as
+the list gives it, so the shards, and everything made from them, do not depend on where the checkout lies. http(s)
+and other absolute URLs pass through unchanged.
 
 Incremental: img2dataset's own incremental mode skips shards that have a `_stats.json`, so a re-run (or a run
 after a kill) only does the unfinished shards. The stats roll-up reads finished shards only.
@@ -31,9 +37,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
+from urllib.request import url2pathname
 
 from campe.config import load_params
-from campe.io import atomic_write_json, output_lock
+from campe.io import atomic_file, atomic_write_bytes, atomic_write_json, output_lock
 from campe.shards import shard_paths, sort_shard
 
 INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
@@ -139,26 +147,130 @@ def _finished_shards(pass_dir: Path) -> list[str]:
     return sorted(s.name[: -len("_stats.json")] for s in pass_dir.glob("[0-9]*_stats.json"))
 
 
+def is_relative_url(url: str) -> bool:
+    """A non-empty URL without a scheme: a reference relative to the URL list's location."""
+    return bool(url) and not urlsplit(url).scheme
+
+
+def resolve_url(url: str, list_path: str | Path) -> str:
+    """`url` resolved against the URL list's own file URL (a relative reference -> file://...; others unchanged).
+    The list's path is made absolute lexically, not through symlinks: a DVC checkout may link the list into its
+    cache, and `../images` means the folder beside the list's folder, as a browser would read it."""
+    if not is_relative_url(url):
+        return url
+    return urljoin(Path(os.path.abspath(list_path)).as_uri(), url)
+
+
 def _run_img2dataset(list_path: Path, pass_dir: Path, p: DownloadParams) -> None:
-    kwargs = dict(
-        url_list=str(list_path), input_format="parquet", url_col="url", caption_col="caption",
-        save_additional_columns=["uid", *p.extra_columns], output_format="webdataset",
-        output_folder=str(pass_dir), image_size=p.image_size, resize_mode=p.resize_mode,
-        encode_quality=p.encode_quality, processes_count=p.processes_count, thread_count=p.thread_count,
-        number_sample_per_shard=p.number_sample_per_shard, retries=p.retries, timeout=p.timeout,
-        distributor=p.distributor, enable_wandb=False, incremental_mode="incremental",
-    )
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(kwargs, f)
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
-    try:
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="campe-download-") as tmp:
+        handed = list_path
+        rows = pd.read_parquet(list_path)
+        absolute = rows["url"].map(lambda u: resolve_url(u, p.url_list))
+        if not absolute.equals(rows["url"]):
+            # img2dataset fetches the resolved URLs; the pass list itself keeps them as the URL list gives them.
+            rows["url"] = absolute
+            handed = Path(tmp) / list_path.name
+            rows.to_parquet(handed, index=False)
+        kwargs = dict(
+            url_list=str(handed), input_format="parquet", url_col="url", caption_col="caption",
+            save_additional_columns=["uid", *p.extra_columns], output_format="webdataset",
+            output_folder=str(pass_dir), image_size=p.image_size, resize_mode=p.resize_mode,
+            encode_quality=p.encode_quality, processes_count=p.processes_count, thread_count=p.thread_count,
+            number_sample_per_shard=p.number_sample_per_shard, retries=p.retries, timeout=p.timeout,
+            distributor=p.distributor, enable_wandb=False, incremental_mode="incremental",
+        )
+        kwargs_file = Path(tmp) / "kwargs.json"
+        kwargs_file.write_text(json.dumps(kwargs))
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
         # A process of its own: img2dataset's SIGINT handler needs the main thread (see campe/img2dataset_runner.py).
-        rc = subprocess.run([sys.executable, "-m", "campe.img2dataset_runner", f.name], env=env).returncode
-    finally:
-        os.unlink(f.name)
+        rc = subprocess.run([sys.executable, "-m", "campe.img2dataset_runner", str(kwargs_file)], env=env).returncode
     if rc != 0:
         raise DownloadError(f"img2dataset exited with status {rc} on {list_path} (its output is above); "
                             "re-run the stage to resume: finished shards are kept")
+
+
+class UrlRestorer:
+    """Puts each relative URL back as the URL list gives it where img2dataset recorded the resolved one: the url of
+    each sample's .json and of each shard's .parquet, and that URL or its local path inside an error message."""
+
+    def __init__(self, urls: list[str], list_path: str | Path):
+        self.given: dict[int, str] = {}  # uid -> the url as the list gives it (relative rows only)
+        self.resolved: dict[int, str] = {}
+        for uid, url in enumerate(urls):
+            if is_relative_url(url):
+                self.given[uid], self.resolved[uid] = url, resolve_url(url, list_path)
+
+    def __bool__(self) -> bool:
+        return bool(self.given)
+
+    def message(self, uid: int, msg: Any) -> Any:
+        if uid not in self.given or not isinstance(msg, str):
+            return msg
+        absolute = self.resolved[uid]
+        return msg.replace(absolute, self.given[uid]).replace(url2pathname(urlsplit(absolute).path), self.given[uid])
+
+    def fix_json(self, data: bytes) -> bytes | None:
+        """A sample's .json (img2dataset writes json.dumps(meta, indent=4)) with its url restored; None: unchanged."""
+        meta = json.loads(data)
+        uid = meta.get("uid")
+        if uid not in self.given:
+            return None
+        new = {**meta, "url": self.given[uid]}
+        if "error_message" in meta:
+            new["error_message"] = self.message(uid, meta["error_message"])
+        return None if new == meta else json.dumps(new, indent=4).encode()
+
+
+def _normalise_records(tar: Path, restorer: UrlRestorer) -> bool:
+    """A shard's .parquet with its rows in key order (the tar's order; img2dataset writes them in completion order)
+    and relative URLs restored in url and error_message, and its _stats.json with the same error messages; each
+    written atomically, the stats first (a kill between leaves the parquet to map them again). False (and untouched)
+    if already so."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, stats_path = tar.with_suffix(".parquet"), tar.with_name(tar.stem + "_stats.json")
+    table = pq.read_table(path)
+    keys = table.column("key").to_pylist()
+    changed = keys != sorted(keys)
+    if changed:
+        table = table.take(pa.array(sorted(range(len(keys)), key=keys.__getitem__)))
+    if restorer:
+        uids, msgs = table.column("uid").to_pylist(), table.column("error_message").to_pylist()
+        restored = [restorer.message(u, m) for u, m in zip(uids, msgs)]
+        renamed = {m: r for m, r in zip(msgs, restored) if m != r}
+        if renamed:  # img2dataset counts failures by message in status_dict
+            stats = json.loads(stats_path.read_text())
+            counts: dict[str, int] = {}
+            for m, n in stats.get("status_dict", {}).items():
+                counts[renamed.get(m, m)] = counts.get(renamed.get(m, m), 0) + n
+            if counts != stats.get("status_dict", {}):
+                atomic_write_bytes(stats_path, json.dumps({**stats, "status_dict": counts}, indent=4).encode())
+        new = {"url": [restorer.given.get(u, url) for u, url in zip(uids, table.column("url").to_pylist())],
+               "error_message": restored}
+        for name, values in new.items():
+            if values != table.column(name).to_pylist():
+                i = table.schema.get_field_index(name)
+                table = table.set_column(i, table.schema.field(i), pa.array(values, type=table.schema.field(i).type))
+                changed = True
+    if not changed:
+        return False
+    with atomic_file(path) as f:
+        pq.write_table(table, f)
+    return True
+
+
+def _normalise_shards(out: Path, restorer: UrlRestorer) -> int:
+    """Every finished shard of every pass: samples (and .parquet rows) in key order, fixed tar member mtimes
+    (campe.shards.sort_shard), relative URLs restored in the .parquet, the _stats.json and each .json. Returns the
+    number of shards rewritten; a second call rewrites none."""
+    changed = 0
+    for tar in shard_paths(out):
+        records = _normalise_records(Path(tar), restorer)
+        changed += sort_shard(tar, fix_json=restorer.fix_json if restorer else None) or records
+    return changed
 
 
 def _complete(list_path: Path, pass_dir: Path, p: DownloadParams) -> bool:
@@ -265,10 +377,11 @@ def _download(p: DownloadParams, retry_failed: bool, overwrite: bool) -> dict[st
             attempted += len(todo)
             _run_img2dataset(nxt, out / name, p)
     # Samples in key order (= URL-list order within a shard), whatever order the download threads finished in: a
-    # re-download then gives the same training data order, and the cache stage keeps its shards.
-    resorted = sum(sort_shard(t) for t in shard_paths(out))
-    if resorted:
-        print(f"campe download: put the samples of {resorted} shard(s) in key order")
+    # re-download then gives the same training data order, and the cache stage keeps its shards. Relative URLs go
+    # back to the list's form, so no shard records where the checkout lies.
+    rewritten = _normalise_shards(out, UrlRestorer(df["url"].tolist(), list_path))
+    if rewritten:
+        print(f"campe download: put {rewritten} shard(s) in key order with the URLs as the list gives them")
     stats = roll_up_stats(out, len(df), time.perf_counter() - t0, attempted)
     stats["url_list"] = str(list_path)
     atomic_write_json(p.stats_file, stats)

@@ -3,8 +3,8 @@
     campe generate                                  # params.yaml:generate -> data/generated
     campe generate --out /tmp/gen --params my.yaml
 
-Writes images + Karpathy JSON, img2dataset URL lists (file:// URLs), MSR-VTT-style videos and annotations, and
-manifest.json. See campe/synth.py for the design of the benchmark.
+Writes images + Karpathy JSON, URL lists (URLs relative to the list: ../images/<key>.jpg), MSR-VTT-style videos and
+annotations, and manifest.json. See campe/synth.py for the design of the benchmark.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from campe.shards import iter_samples, sample_key, shard_paths, sort_shard
-from stages.download import DownloadError, DownloadParams, download_stage, read_url_list
+from stages.download import DownloadError, DownloadParams, download_stage, read_url_list, resolve_url
 
 
 def _params(tmp: Path, url_list: Path, name: str, **kw) -> DownloadParams:
@@ -32,6 +32,8 @@ def broken_list(tiny_generated, tmp_path_factory):
     _, root = tiny_generated
     tmp = tmp_path_factory.mktemp("dl")
     good = pd.read_parquet(root / "urls" / "train.parquet")
+    # The generated urls are relative to the generated list's folder; this list lives elsewhere.
+    good["url"] = [resolve_url(u, root / "urls" / "train.parquet") for u in good["url"]]
     real_jpg = root / "images" / "train_000000.jpg"
     (tmp / "not_an_image.jpg").write_text("<html>this is a web page, not an image</html>")
     (tmp / "truncated.jpg").write_bytes(real_jpg.read_bytes()[:120])

@@ -120,8 +120,8 @@ def test_annotation_files_parse_and_reference_existing_files(tiny_generated):
         assert (root / im["filepath"] / im["filename"]).is_file()
         assert all(s["raw"] for s in im["sentences"])
     for row in pq.read_table(root / "urls" / "train.parquet").to_pylist():
-        assert row["url"].startswith("file://")
-        assert (root / "images" / row["url"].rsplit("/", 1)[1]).is_file()
+        assert row["url"].startswith("../images/")  # relative to the list's folder: no checkout path inside
+        assert (root / "urls" / row["url"]).is_file()
     msr = json.loads((root / "msrvtt" / "MSRVTT_data.json").read_text())
     ids = {v["video_id"] for v in msr["videos"]}
     assert len(ids) == p.train_videos + p.test_videos
