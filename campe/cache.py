@@ -29,7 +29,11 @@ API (what the training loop uses):
   sample count for the current epoch: ranks can differ by up to a shard, so with DDP all_reduce(MIN) the number of
   full batches and stop every rank there (or the ranks' collectives desynchronise). A cache made with
   `campe cache --limit N` trains on the captions it holds (the manifest records the limit); a full cache with a
-  shard missing is an error.
+  shard missing is an error. Samples without a caption (no .txt, or whitespace only) are not data. A sample whose
+  image does not decode (campe.imageprep) is left out: the cache stage leaves it out of the cache and lists it in
+  the shard's metadata, and training skips it, warning (UndecodableImageWarning) with the shard and the key.
+  `data.batches(b)` gives collated batches with the samples left out since the previous one in
+  batch["skipped"] (what the training loop counts, through `BatchStream` in a DataLoader).
 - `collate_samples(samples) -> {"images": [B,3,H,W] float32 in [0,1], "text": {"hidden": [B,S,H] float16/bfloat16
   (cache dtype, right-padded), "layout": PromptLayout} ({"layout"} only in online mode), "keys": [B] str,
   "captions": [B] str}`.
@@ -52,14 +56,14 @@ run leaves only a `.NNNNN.parquet.*.tmp` that the next run removes and readers n
 caption, length L, hidden (raw little-endian float16/bfloat16 bytes of [L,H], real tokens only), input_ids /
 segment_ids / position_ids (L each), apt_positions / pooled_positions (K), neg_* (K or null), caption_length,
 truncated. Page checksums are on, so `--repair` detects flipped bits, not just truncation. The shard's schema
-metadata (key b"campe") holds its source tar, the tar's size, and the row counts.
+metadata (key b"campe") holds its source tar, the tar's size, the row counts, the keys of the samples left out
+because their image does not decode ("undecodable") and the number of truncated captions ("truncated").
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
 import hashlib
-import io
 import json
 import os
 import random
@@ -74,6 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from campe.imageprep import ImageDecodeError, SkippedSample, UndecodableImageWarning, decode_image
 from campe.multiprompt import DEFAULT_MODEL, MultiPromptTextEncoder, PromptLayout, resolve_model_path
 from campe.shards import sample_key
 
@@ -680,10 +685,8 @@ class CachedTextTower(nn.Module):
 # ---------------------------------------------------------------------------------------------------- training data
 
 def _decode_image(data: bytes) -> torch.Tensor:
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # [3,H,W] in [0,1]
+    """Shard image bytes -> float [3,H,W] in [0,1] (campe.imageprep; ImageDecodeError when undecodable)."""
+    return decode_image(data).float().div_(255.0)
 
 
 def _image_bytes(parts: dict[str, bytes]) -> bytes | None:
@@ -691,6 +694,17 @@ def _image_bytes(parts: dict[str, bytes]) -> bytes | None:
         if ext in parts:
             return parts[ext]
     return None
+
+
+def sample_caption(parts: dict[str, bytes]) -> str | None:
+    """A sample's caption, or None when it has none: no .txt, or only whitespace (the text tower refuses blank
+    captions; `campe download` skips such rows, shards from elsewhere may still hold them). The cache stage and
+    training both skip these samples."""
+    txt = parts.get("txt")
+    if txt is None:
+        return None
+    caption = txt.decode("utf-8")
+    return caption if caption.strip() else None
 
 
 def _shard_samples(image_shard: str) -> int:
@@ -702,37 +716,42 @@ def _shard_samples(image_shard: str) -> int:
 
 
 def zip_shard(image_shard: str, cache_shard: str | None, layout_maker: LayoutMaker | None = None
-              ) -> Iterator[dict[str, Any]]:
+              ) -> Iterator[dict[str, Any] | SkippedSample]:
     """Samples of one image shard joined with its cache shard by key, in file order.
 
-    Yields {"key", "caption", "jpg": bytes, "hidden": [L,H] (cache mode), "layout": PromptLayout (1 row)}. The cache
-    holds the tar's samples with a caption, in the tar's order (a `--limit` run: a prefix of them); any other
-    difference means the cache is not from this shard (CacheCorruptError).
+    Yields {"key", "shard", "caption", "jpg": bytes, "hidden": [L,H] (cache mode), "layout": PromptLayout (1 row)},
+    and a SkippedSample for each sample whose image the cache stage found undecodable (its shard metadata lists
+    them; they are not cached). The cache holds the tar's other samples with a caption, in the tar's order (a
+    `--limit` run: a prefix of them); any other difference means the cache is not from this shard
+    (CacheCorruptError).
     """
     if cache_shard is None:
         for key, parts in iter_tar_samples(image_shard):
-            img, txt = _image_bytes(parts), parts.get("txt")
-            if img is None or txt is None:
+            img, caption = _image_bytes(parts), sample_caption(parts)
+            if img is None or caption is None:
                 continue
-            caption = txt.decode("utf-8")
-            yield {"key": key, "caption": caption, "jpg": img, "layout": layout_maker([caption])}
+            yield {"key": key, "shard": image_shard, "caption": caption, "jpg": img,
+                   "layout": layout_maker([caption])}
         return
     meta = shard_meta(cache_shard)
     complete = bool(meta.get("complete", True))
+    undecodable = set(meta.get("undecodable", ()))
     rows = read_cache_shard(cache_shard)
     nxt = next(rows, None)
     fix = "re-run `campe cache --repair` (the image shards changed after caching, or the cache is from other shards)"
     for key, parts in iter_tar_samples(image_shard):
-        img, txt = _image_bytes(parts), parts.get("txt")
+        img, caption = _image_bytes(parts), sample_caption(parts)
         if nxt is not None and key == nxt["key"]:
-            if txt is None or img is None or txt.decode("utf-8") != nxt["caption"]:
+            if caption is None or img is None or caption != nxt["caption"]:
                 raise CacheCorruptError(f"cache shard {cache_shard}: sample {key} has another caption (or no "
                                         f"image) in {image_shard}; {fix}")
-            yield {"key": key, "caption": nxt["caption"], "jpg": img, "hidden": nxt["hidden"],
+            yield {"key": key, "shard": image_shard, "caption": nxt["caption"], "jpg": img, "hidden": nxt["hidden"],
                    "layout": nxt["layout"]}
             nxt = next(rows, None)
-        elif img is None or txt is None:
+        elif img is None or caption is None:
             continue  # not cached: no caption
+        elif key in undecodable:
+            yield SkippedSample(image_shard, key, "undecodable image (found by campe cache)")
         elif nxt is None and not complete:
             return  # the rest of a shard cut short by --limit
         else:
@@ -743,18 +762,24 @@ def zip_shard(image_shard: str, cache_shard: str | None, layout_maker: LayoutMak
 
 
 class TrainingData(torch.utils.data.IterableDataset):
-    """(image, caption, cached text) samples of this rank's shards; see open_training_data."""
+    """(image, caption, cached text) samples of this rank's shards; see open_training_data.
+
+    A sample whose image does not decode is left out: iterating warns (UndecodableImageWarning, naming the shard
+    and the key); `batches()` hands it on with the batch instead (batch["skipped"]), for the training loop to count.
+    """
 
     def __init__(self, image_shards: Sequence[str], cache_shards: Sequence[str | None],
                  layout_maker: LayoutMaker | None, pad_id: int, rank: int = 0, world_size: int = 1,
                  shuffle_seed: int | None = None, epoch: int = 0, shuffle_buffer: int = 512,
-                 shard_rows: Sequence[int] | None = None):
+                 shard_rows: Sequence[int] | None = None, shard_left_out: Sequence[int] | None = None):
         super().__init__()
         self.image_shards, self.cache_shards = list(image_shards), list(cache_shards)
         self.layout_maker, self.pad_id = layout_maker, pad_id
         self.rank, self.world_size = rank, world_size
         self.shuffle_seed, self.epoch, self.shuffle_buffer = shuffle_seed, epoch, shuffle_buffer
         self.shard_rows = list(shard_rows) if shard_rows is not None else [0] * len(self.image_shards)
+        # Samples of each shard not in shard_rows: those the cache stage left out (no caption, undecodable image).
+        self.shard_left_out = list(shard_left_out) if shard_left_out is not None else [0] * len(self.image_shards)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -771,7 +796,14 @@ class TrainingData(torch.utils.data.IterableDataset):
         """Samples this rank reads in the current epoch."""
         return sum(self.shard_rows[i] for i in self.rank_shards())
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    @property
+    def total_samples(self) -> int:
+        """Samples of all shards (every rank), those without a caption or with an undecodable image included:
+        what the skipped fraction is a fraction of."""
+        return sum(self.shard_rows) + sum(self.shard_left_out)
+
+    def _stream(self) -> Iterator[dict[str, Any] | SkippedSample]:
+        """This worker's decoded samples, in shuffled order, with a SkippedSample in place of each left out."""
         mine = self.rank_shards()
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -781,6 +813,9 @@ class TrainingData(torch.utils.data.IterableDataset):
         size = self.shuffle_buffer if self.shuffle_seed is not None else 0
         for i in mine:
             for s in zip_shard(self.image_shards[i], self.cache_shards[i], self.layout_maker):
+                if isinstance(s, SkippedSample):
+                    yield s
+                    continue
                 if size <= 1:
                     yield self._finish(s)
                     continue
@@ -794,12 +829,59 @@ class TrainingData(torch.utils.data.IterableDataset):
         for s in buf:
             yield self._finish(s)
 
-    def _finish(self, s: dict[str, Any]) -> dict[str, Any]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for s in self._stream():
+            if isinstance(s, SkippedSample):
+                warnings.warn(f"skipping sample {s.key} of shard {s.where}: {s.reason}", UndecodableImageWarning,
+                              stacklevel=2)
+                continue
+            yield s
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        """collate_samples batches of `batch_size` decodable samples, the samples left out since the previous batch
+        in batch["skipped"] (SkippedSample list); a last partial batch is dropped (DataLoader's drop_last), but if
+        samples were left out after the last full batch a final {"skipped": [...]} carries them. Same batches as
+        DataLoader(self, batch_size, drop_last=True, collate_fn=collate_samples)."""
+        samples: list[dict[str, Any]] = []
+        skipped: list[SkippedSample] = []
+        for s in self._stream():
+            if isinstance(s, SkippedSample):
+                skipped.append(s)
+                continue
+            samples.append(s)
+            if len(samples) == batch_size:
+                batch = collate_samples(samples)
+                batch["skipped"] = skipped
+                yield batch
+                samples, skipped = [], []
+        if skipped:
+            yield {"skipped": skipped}
+
+    def _finish(self, s: dict[str, Any]) -> dict[str, Any] | SkippedSample:
         # Decode at the end: the shuffle buffer holds the small jpg bytes, not float images.
         s = dict(s)
-        s["image"] = _decode_image(s.pop("jpg"))
+        try:
+            s["image"] = _decode_image(s.pop("jpg"))
+        except ImageDecodeError as e:
+            return SkippedSample(s["shard"], s["key"], f"undecodable image ({e})")
         s["pad_id"] = self.pad_id
         return s
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """TrainingData.batches(batch_size) as a dataset, for DataLoader(BatchStream(data, b), batch_size=None,
+    collate_fn=identity, num_workers=n): each worker batches its own part of the shards."""
+
+    def __init__(self, data: TrainingData, batch_size: int):
+        super().__init__()
+        self.data, self.batch_size = data, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.data.batches(self.batch_size)
+
+
+def identity(x: Any) -> Any:
+    return x
 
 
 def open_training_data(shards_dir: str | Path, cache_dir: str | Path | None, encoder: MultiPromptTextEncoder,
@@ -823,14 +905,16 @@ def open_training_data(shards_dir: str | Path, cache_dir: str | Path | None, enc
         return TrainingData(images, [None] * len(images), LayoutMaker(encoder), encoder.pad_id, rank, world_size,
                             shuffle_seed, epoch, shuffle_buffer, rows)
     manifest = check_manifest(cache_dir, encoder)
-    caches, rows, missing = [], [], []
+    caches, rows, left_out, missing = [], [], [], []
     for p in images:
         c = cache_shard_path(p, shards_dir, cache_dir)
         if not c.exists():
             missing.append(p)
             continue
         caches.append(str(c))
-        rows.append(int(shard_meta(c)["rows"]))
+        meta = shard_meta(c)
+        rows.append(int(meta["rows"]))
+        left_out.append(len(meta.get("undecodable", ())) + int(meta.get("skipped_no_caption", 0)))
     if missing:
         if not manifest.get("limit"):
             raise CacheMissingError(
@@ -841,7 +925,7 @@ def open_training_data(shards_dir: str | Path, cache_dir: str | Path | None, enc
         if len(images) < world_size:
             raise ValueError(f"the --limit cache {cache_dir} covers {len(images)} shard(s) for {world_size} ranks")
     return TrainingData(images, caches, None, encoder.pad_id, rank, world_size, shuffle_seed, epoch,
-                        shuffle_buffer, rows)
+                        shuffle_buffer, rows, left_out)
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -9,29 +9,45 @@
 
 `text_batch` turns a list of captions into whatever the model's text tower takes (token ids for the vanilla tower,
 a prompt layout for the multi-prompt tower); the embedder does not need to know which.
+
+Images and video frames go through campe.imageprep.preprocess_image (the preprocessing training had: colour
+conversion, aspect kept, white border as img2dataset's resize_mode "border"). An image or video that does not
+decode raises (ImageDecodeError / VideoDecodeError, naming the file), or, given `on_undecodable(index, path,
+reason)`, is left out of the result and reported to it.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from campe.evaldata import sample_frames
+from campe.evaldata import VideoDecodeError, sample_frames
+from campe.imageprep import ImageDecodeError, decode_image, preprocess_image
+
+OnUndecodable = Callable[[int, str, str], None]  # (index in the paths given, path, reason)
 
 
-def load_images(paths: Sequence[str], size: int) -> torch.Tensor:
-    """uint8 [B, 3, size, size]; images of another size are resized (bicubic) to the model's input size."""
-    arrs = []
-    for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
-            arrs.append(np.asarray(im))
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+def load_images(paths: Sequence[str], size: int, on_undecodable: OnUndecodable | None = None) -> torch.Tensor:
+    """uint8 [B, 3, size, size] (campe.imageprep.preprocess_image). An undecodable image raises ImageDecodeError
+    naming it, or, with `on_undecodable`, is left out (B = the decodable ones) and reported to it."""
+    out = []
+    for i, p in enumerate(paths):
+        try:
+            out.append(decode_image(p, size))
+        except ImageDecodeError as e:
+            if on_undecodable is None:
+                raise ImageDecodeError(f"{p}: cannot decode the image ({e})") from None
+            on_undecodable(i, str(p), str(e))
+    if not out:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return torch.stack(out)
+
+
+def load_video(path: str, frames: int, size: int) -> torch.Tensor:
+    """uint8 [frames, 3, size, size]: evenly sampled frames (campe.evaldata.sample_frames), each through
+    preprocess_image."""
+    return torch.stack([preprocess_image(f, size) for f in sample_frames(path, frames)])
 
 
 class Embedder:
@@ -46,9 +62,16 @@ class Embedder:
         return tqdm(starts, desc=f"embed {what}", unit="batch", disable=not self.progress or len(starts) < 2)
 
     @torch.no_grad()
-    def images(self, paths: Sequence[str]) -> torch.Tensor:
-        out = [self.model.encode_image(load_images(paths[i:i + self.batch_size], self.image_size))
-               for i in self._chunks(len(paths), "images")]
+    def images(self, paths: Sequence[str], on_undecodable: OnUndecodable | None = None) -> torch.Tensor:
+        """[N, D] (N = the decodable images, in order; see the module docstring for on_undecodable)."""
+        out = []
+        for i in self._chunks(len(paths), "images"):
+            report = None if on_undecodable is None else (lambda j, p, why, i=i: on_undecodable(i + j, p, why))
+            batch = load_images(paths[i:i + self.batch_size], self.image_size, report)
+            if len(batch):
+                out.append(self.model.encode_image(batch))
+        if not out:
+            raise ImageDecodeError(f"none of the {len(paths)} images decodes (first: {paths[0] if paths else None})")
         return torch.cat(out).float()
 
     @torch.no_grad()
@@ -56,20 +79,24 @@ class Embedder:
         return self.model.encode_patches(load_images(paths, self.image_size)).float()
 
     @torch.no_grad()
-    def videos(self, paths: Sequence[str]) -> torch.Tensor:
+    def videos(self, paths: Sequence[str], on_undecodable: OnUndecodable | None = None) -> torch.Tensor:
+        """[N, D] from `frames` frames each (N = the decodable videos; see the module docstring)."""
         out = []
         step = max(1, self.batch_size // self.frames)
         for i in tqdm(range(0, len(paths), step), desc="embed videos", unit="batch",
                       disable=not self.progress or len(paths) <= step):
             clips = []
-            for p in paths[i:i + step]:
-                frames = sample_frames(p, self.frames)  # [T, H, W, 3] uint8
-                t = torch.from_numpy(frames).permute(0, 3, 1, 2)
-                if t.shape[-1] != self.image_size or t.shape[-2] != self.image_size:
-                    t = torch.nn.functional.interpolate(t.float(), size=(self.image_size,) * 2, mode="bicubic",
-                                                        align_corners=False).clamp(0, 255).to(torch.uint8)
-                clips.append(t)
-            out.append(self.model.encode_video(torch.stack(clips)))
+            for j, p in enumerate(paths[i:i + step]):
+                try:
+                    clips.append(load_video(p, self.frames, self.image_size))
+                except VideoDecodeError as e:
+                    if on_undecodable is None:
+                        raise
+                    on_undecodable(i + j, str(p), str(e))
+            if clips:
+                out.append(self.model.encode_video(torch.stack(clips)))
+        if not out:
+            raise VideoDecodeError(f"none of the {len(paths)} videos decodes (first: {paths[0] if paths else None})")
         return torch.cat(out).float()
 
     @torch.no_grad()

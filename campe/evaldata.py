@@ -19,13 +19,14 @@ Bad input fails early with the file, what is wrong and the fix: an annotation fi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -79,6 +80,20 @@ class EvalDataParams:
             raise ValueError("max_captions, msrvtt_max_captions and video_frames must be >= 1")
 
 
+def _drop_items(drop: Sequence[int], items: Sequence[list], captions: list[str], txt_to_item: list[int]
+                ) -> tuple[list[list], list[str], list[int]]:
+    """Leave out the items (images/videos; parallel lists) at indices `drop` and their captions; re-index the
+    rest."""
+    drop = set(drop)
+    new_index: dict[int, int] = {}
+    for i in range(len(items[0])):
+        if i not in drop:
+            new_index[i] = len(new_index)
+    kept = [[x for i, x in enumerate(seq) if i in new_index] for seq in items]
+    pairs = [(c, new_index[t]) for c, t in zip(captions, txt_to_item) if t in new_index]
+    return kept, [c for c, _ in pairs], [t for _, t in pairs]
+
+
 @dataclass
 class ImageTextSet:
     """Images with their captions: caption j belongs to image txt_to_img[j]."""
@@ -88,6 +103,12 @@ class ImageTextSet:
     txt_to_img: list[int]
     image_ids: list[str]
     skipped: int = 0  # images dropped because their file was missing (on_missing="skip")
+
+    def without(self, drop: Sequence[int]) -> ImageTextSet:
+        """The set without the images at indices `drop` (e.g. undecodable ones) and their captions."""
+        (paths, ids), captions, index = _drop_items(drop, (self.image_paths, self.image_ids), self.captions,
+                                                    self.txt_to_img)
+        return dataclasses.replace(self, image_paths=paths, captions=captions, txt_to_img=index, image_ids=ids)
 
 
 @dataclass
@@ -101,6 +122,12 @@ class VideoTextSet:
     skipped: int = 0
     policy: str = "1k-A"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def without(self, drop: Sequence[int]) -> VideoTextSet:
+        """The set without the videos at indices `drop` (e.g. undecodable ones) and their captions."""
+        (paths, ids), captions, index = _drop_items(drop, (self.video_paths, self.video_ids), self.captions,
+                                                    self.txt_to_video)
+        return dataclasses.replace(self, video_paths=paths, captions=captions, txt_to_video=index, video_ids=ids)
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -174,19 +201,15 @@ def load_karpathy(json_path: str | Path, split: str = "test", image_root: str | 
 
     paths = [str(root / im.get("filepath", "") / im["filename"]) for im in images]
     keep = _filter_missing(paths, on_missing, path, "images", root, "image_root")
-    out = ImageTextSet([], [], [], [], skipped=keep.count(False))
-    for im, p, k in zip(images, paths, keep):
-        if not k:
-            continue
-        out.image_ids.append(Path(im["filename"]).stem)
-        for s in im["sentences"][:max_captions]:
-            out.captions.append(s["raw"].strip())
-            out.txt_to_img.append(len(out.image_paths))
-        out.image_paths.append(p)
-    if not out.image_paths:
+    if not any(keep):
         raise MissingFilesError(f"{path}: all {len(images)} images of split '{split}' are missing under {root}; "
                                 f"point image_root at the image folder", paths)
-    return out
+    every = ImageTextSet(paths, [], [], [Path(im["filename"]).stem for im in images], skipped=keep.count(False))
+    for i, im in enumerate(images):
+        for s in im["sentences"][:max_captions]:
+            every.captions.append(s["raw"].strip())
+            every.txt_to_img.append(i)
+    return every.without([i for i, k in enumerate(keep) if not k])
 
 
 # ---------------------------------------------------------------------------------------------------------- MSR-VTT
@@ -280,14 +303,9 @@ def load_msrvtt(root: str | Path | None = None, policy: str = "1k-A", *, csv_pat
     if not any(keep):
         raise MissingFilesError(f"{ann}: all {len(paths)} videos are missing under {vroot}; point video_root at "
                                 f"the folder of <video_id>.mp4 files", paths)
-    new_index = np.cumsum(keep) - 1
-    out = VideoTextSet([p for p, k in zip(paths, keep) if k], [], [], [v for v, k in zip(video_ids, keep) if k],
-                       skipped=keep.count(False), policy=policy, extra={"annotation": str(ann)})
-    for cap, vi in zip(captions, txt_to_vid):
-        if keep[vi]:
-            out.captions.append(cap)
-            out.txt_to_video.append(int(new_index[vi]))
-    return out
+    every = VideoTextSet(paths, captions, txt_to_vid, video_ids, skipped=keep.count(False), policy=policy,
+                         extra={"annotation": str(ann)})
+    return every.without([i for i, k in enumerate(keep) if not k])
 
 
 def _need(base: Path | None, name: str, arg: str) -> Path:

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from campe.imageprep import to_rgb  # noqa: E402
 from campe.io import atomic_write_bytes  # noqa: E402
 
 CORRECT, WRONG = "#2ca02c", "#d62728"
@@ -36,7 +37,7 @@ def _as_image(x) -> np.ndarray:
     """Path or array -> float RGB [H, W, 3] in [0, 1] (uint8 is divided by 255)."""
     if isinstance(x, (str, Path)):
         with Image.open(x) as im:
-            x = np.asarray(im.convert("RGB"))
+            x = to_rgb(im)  # campe.imageprep's colour conversion (16-bit, alpha, palette, ...), size kept
     a = np.asarray(x)
     if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:  # CHW -> HWC
         a = a.transpose(1, 2, 0)

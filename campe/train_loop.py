@@ -22,7 +22,14 @@ Outputs in out_dir (rank 0 only):
     train_log.csv        per-step metrics (step, epoch, lr, loss, each term, grad_norm, samples_per_s)
     loss_curve.png       the loss terms against the step
     mlflow_run_id.txt    the MLflow run (written at the start, so evaluation and a resumed run log into it)
-    metrics.json         final loss terms and throughput (also copied to train.metrics_file for DVC)
+    metrics.json         final loss terms, throughput and the samples skipped because their image does not decode
+                         (skipped_samples, skipped_fraction; also copied to train.metrics_file for DVC and logged
+                         to MLflow)
+
+Undecodable images (campe.imageprep): a sample whose image does not decode is left out of the batches (every batch
+stays full, so the DDP ranks stay in step), warned about with its shard and key, and counted once however many
+epochs see it; the count is gathered over the ranks at each metrics flush and kept in the checkpoint, and every
+rank stops with TooManySkipsError once it passes train.max_skip_fraction of the data's samples.
 
 Exact resume: the data order is a function of (seed, epoch) only, the position within the epoch is saved, and the
 RNG states (dropout) are restored, so on CPU a run of 2N steps equals N steps + resume + N steps bit for bit.
@@ -40,6 +47,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -50,6 +58,8 @@ import torch.distributed as dist
 from torch import nn
 
 from campe.config import ConfigError, from_dict
+from campe.imageprep import (DEFAULT_MAX_SKIP_FRACTION, SHOWN_SKIPS, ImageDecodeError, SkippedSample,
+                             UndecodableImageWarning, check_skip_fraction, decode_image, validate_max_skip_fraction)
 from campe.io import OutputInUse, atomic_write_bytes, atomic_write_json, output_lock, store_uri
 from campe.losses import CampeObjective, LossConfig, total_loss
 from campe.model import CLIPModel, ModelConfig, build_model, save_config
@@ -119,6 +129,7 @@ class TrainParams:
     experiment: str = "campe"
     artifact_root: str = "mlartifacts"  # a new experiment stores its artifacts in <artifact_root>/<experiment>
     run_name: str = ""  # MLflow run name; "" = train/<method>/<UTC date>
+    max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # undecodable images: stop once more than this fraction
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -139,11 +150,12 @@ class TrainParams:
             raise ValueError(f"precision '{self.precision}' is not one of: {', '.join(PRECISIONS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device '{self.device}' is not one of: auto, cpu, cuda")
+        validate_max_skip_fraction(self.max_skip_fraction)
 
 
 # Fields that may change between a run and its resume (they do not change the numbers).
 RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_workers", "log_every", "ckpt_every",
-                  "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device")
+                  "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device", "max_skip_fraction")
 
 
 @dataclass
@@ -334,6 +346,8 @@ class MemoryPairs:
             raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
         self.images, self.captions = images, list(captions)
         self.keys = list(keys) if keys is not None else [str(i) for i in range(len(self.captions))]
+        self.skipped: list[SkippedSample] = []  # samples left out when loading (from_shards)
+        self.total_samples = len(self.captions)  # samples of the data, those left out included
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -354,36 +368,70 @@ class MemoryPairs:
 
     @classmethod
     def from_shards(cls, root: str | Path, image_size: int | None = None) -> MemoryPairs:
-        """Every sample of the download stage's finished shards (campe.shards), decoded once."""
-        from campe.shards import iter_samples, shard_paths
-        if not shard_paths(root):
+        """Every sample of the download stage's finished shards (campe.shards), decoded once (campe.imageprep). A
+        sample whose image does not decode is left out and listed in `.skipped` (the training loop counts it)."""
+        import webdataset as wds
+
+        from campe.shards import shard_paths
+        paths = shard_paths(root)
+        if not paths:
             raise FileNotFoundError(f"{root}: no finished shards (run `campe download` first)")
-        images, captions, keys = [], [], []
-        for s in iter_samples(root, decode="rgb8"):
-            img = s.get("jpg")
-            if img is None or "txt" not in s:
+        images, captions, keys, skipped, total = [], [], [], [], 0
+        for s in wds.WebDataset(paths, shardshuffle=False, empty_check=False):  # raw bytes: decoded below
+            data = s.get("jpg")
+            if data is None or "txt" not in s:
                 raise ValueError(f"{root}: sample {s.get('__key__')} has no jpg/txt; expected the download "
                                  f"stage's KEY.jpg / KEY.txt / KEY.json shards")
-            if image_size is not None and img.shape[:2] != (image_size, image_size):
-                raise ValueError(f"{root}: images are {img.shape[1]}x{img.shape[0]} but model.image_size is "
-                                 f"{image_size}; set model.image_size to {img.shape[0]} or download at "
+            total += 1
+            caption = s["txt"].decode("utf-8")
+            if not caption.strip():
+                continue  # a blank caption: no data, as for the LM methods (campe.cache.sample_caption)
+            try:
+                img = decode_image(data)  # uint8 [3,H,W]
+            except ImageDecodeError as e:
+                skipped.append(SkippedSample(s["__url__"], s["__key__"], f"undecodable image ({e})"))
+                continue
+            if image_size is not None and tuple(img.shape[1:]) != (image_size, image_size):
+                raise ValueError(f"{root}: images are {img.shape[2]}x{img.shape[1]} but model.image_size is "
+                                 f"{image_size}; set model.image_size to {img.shape[1]} or download at "
                                  f"image_size {image_size}")
-            images.append(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))  # a writable copy
-            captions.append(s["txt"])
+            images.append(img)
+            captions.append(caption)
             keys.append(s["__key__"])
-        return cls(torch.stack(images), captions, keys)
+        if not images:
+            raise ValueError(f"{root}: no sample has a decodable image ({len(skipped)} undecodable, e.g. "
+                             f"{[x.id for x in skipped[:3]]})")
+        pairs = cls(torch.stack(images), captions, keys)
+        pairs.skipped, pairs.total_samples = skipped, total
+        return pairs
+
+    def take_skips(self) -> list[SkippedSample]:
+        """The samples left out (the training loop counts them once; later calls give them again, harmlessly)."""
+        return list(self.skipped)
 
 
 class CachedPairs:
     """campe.cache's training data: image shards zipped with their cached frozen LM states (cache_dir), or with the
-    token layouts only (cache_dir None: online). Each rank reads its own shards (campe.cache.open_training_data)."""
+    token layouts only (cache_dir None: online). Each rank reads its own shards (campe.cache.open_training_data).
+    Samples whose image does not decode are left out of the batches; take_skips() hands them to the training
+    loop."""
 
     def __init__(self, shards_dir: str, cache_dir: str | None, encoder: Any, num_workers: int = 0):
-        from campe.cache import collate_samples, open_training_data
-        self._open, self._collate = open_training_data, collate_samples
+        from campe.cache import open_training_data
+        self._open = open_training_data
         self.shards_dir, self.cache_dir, self.encoder, self.num_workers = shards_dir, cache_dir, encoder, num_workers
         # Opening checks the cache against the encoder (CacheMismatchError names the differing field): fail now.
         self._all = open_training_data(shards_dir, cache_dir, encoder, rank=0, world_size=1, shuffle_seed=0, epoch=0)
+        self._skipped: list[SkippedSample] = []
+
+    @property
+    def total_samples(self) -> int:
+        return self._all.total_samples
+
+    def take_skips(self) -> list[SkippedSample]:
+        """The samples left out since the last call, from the batches read so far."""
+        out, self._skipped = self._skipped, []
+        return out
 
     def batches_per_epoch(self, batch_size: int) -> int:
         """Global batches in an epoch over all shards (with DDP a rank's shards can hold a few more or fewer
@@ -393,15 +441,24 @@ class CachedPairs:
     def epoch_batches(self, epoch: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                       start: int = 0) -> Iterator[dict[str, Any]]:
         from torch.utils.data import DataLoader
+
+        from campe.cache import BatchStream, identity
         ds = self._open(self.shards_dir, self.cache_dir, self.encoder, rank=rank, world_size=world_size,
                         shuffle_seed=seed, epoch=epoch)
-        # The loader's own generator: worker seeds never draw from (and never shift) the global RNG.
-        loader = DataLoader(ds, batch_size=batch_size // world_size, collate_fn=self._collate, drop_last=True,
+        # Each worker collates full batches of decodable samples (what batch_size=b, drop_last=True would give),
+        # so a skipped sample never leaves a batch short. The loader's own generator: worker seeds never draw from
+        # (and never shift) the global RNG.
+        loader = DataLoader(BatchStream(ds, batch_size // world_size), batch_size=None, collate_fn=identity,
                             num_workers=self.num_workers,
                             generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        for i, batch in enumerate(loader):
+        i = 0
+        for batch in loader:
+            self._skipped.extend(batch.pop("skipped"))
+            if "images" not in batch:  # samples left out after a worker's last full batch
+                continue
             if i >= start:  # resume: the same stream, the consumed batches skipped
                 yield batch
+            i += 1
 
 
 def _cache_available() -> bool:
@@ -738,6 +795,11 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
     random.seed(tp.seed + info.rank)
 
     step, epoch, batch_in_epoch, run_id, resume_rng = 0, 0, 0, None, None
+    # Samples left out because their image does not decode: id -> reason, in the order found, the same on every
+    # rank (gathered at each flush). A set, so the epochs and a resume's replayed batches count each sample once.
+    skipped: dict[str, str] = {}
+    take_skips = getattr(source, "take_skips", lambda: [])
+    total_samples = getattr(source, "total_samples", None)
     ckpt_path = out / CKPT
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -748,6 +810,7 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         step, epoch, batch_in_epoch, run_id = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["mlflow_run_id"]
+        skipped.update(ck.get("skipped", {}))
         resume_rng = ck["rng"][info.rank] if len(ck["rng"]) == info.world_size else None
         if resume_rng is None and info.main:
             print(f"campe train: resuming on {info.world_size} ranks from {len(ck['rng'])}: RNG streams reseeded "
@@ -790,7 +853,28 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
         bar = tqdm(total=total * global_b, initial=step * global_b, unit="sample", unit_scale=True,
                    dynamic_ncols=True, mininterval=1.0, desc=f"train {cfg.method}")
 
+    def note_skips() -> None:
+        """Gather the samples left out since the last call (every rank's), warn about new ones, and stop every
+        rank alike once they pass train.max_skip_fraction of the data."""
+        new = take_skips()
+        if info.world_size > 1:
+            parts: list[Any] = [None] * info.world_size
+            dist.all_gather_object(parts, new)
+            new = [x for part in parts for x in part]
+        for x in new:
+            if x.id in skipped:
+                continue
+            skipped[x.id] = x.reason
+            if info.main and len(skipped) <= SHOWN_SKIPS:
+                more = " (further skips are counted, not shown)" if len(skipped) == SHOWN_SKIPS else ""
+                warnings.warn(f"campe train: skipping sample {x.key} of {x.where}: {x.reason}{more}",
+                              UndecodableImageWarning, stacklevel=2)
+        if total_samples:
+            check_skip_fraction(len(skipped), total_samples, tp.max_skip_fraction, "campe train", skipped,
+                                "train.max_skip_fraction")
+
     def flush(window_start: float, window_steps: int) -> None:
+        note_skips()  # on every rank at the same steps (a collective under DDP), before any checkpoint
         if not pending:
             return
         keys = list(pending[0][3])
@@ -826,6 +910,7 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
             _torch_save_atomic({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                                 "batch_in_epoch": batch_in_epoch, "rng": states, "mlflow_run_id": run_id,
+                                "skipped": dict(skipped),
                                 "config_hash": cfg.hash(runtime=False), "world_size": info.world_size},
                                ckpt_path)
 
@@ -886,7 +971,7 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
         flush(window_start, window_steps)
         checkpoint()
         summary = _finish(cfg, info, model, resolved, out, tracker, step, total, start_step,
-                          time.perf_counter() - t_start, run_id)
+                          time.perf_counter() - t_start, run_id, skipped, total_samples)
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:
@@ -910,11 +995,14 @@ def _text_input_fn(cfg: RunConfig, model: CLIPModel, mode: str) -> Callable[[dic
 
 
 def _finish(cfg: RunConfig, info: DistInfo, model: CLIPModel, resolved: dict, out: Path, tracker: Tracker | None,
-            step: int, total: int, start_step: int, elapsed: float, run_id: str | None) -> dict[str, Any]:
+            step: int, total: int, start_step: int, elapsed: float, run_id: str | None, skipped: dict[str, str],
+            total_samples: int | None) -> dict[str, Any]:
     tp = cfg.train
     samples_per_s = (step - start_step) * tp.batch_size / max(elapsed, 1e-9)
+    skip_fraction = round(len(skipped) / total_samples, 6) if total_samples else 0.0
     summary: dict[str, Any] = {"step": step, "steps": total, "samples_per_s": round(samples_per_s, 2),
-                               "seconds": round(elapsed, 2), "run_id": run_id, "out_dir": str(out)}
+                               "seconds": round(elapsed, 2), "run_id": run_id, "out_dir": str(out),
+                               "skipped_samples": len(skipped)}
     if not info.main:
         return summary
     rows = read_log(out / LOG_FILE)  # the whole run, across resumes
@@ -925,12 +1013,14 @@ def _finish(cfg: RunConfig, info: DistInfo, model: CLIPModel, resolved: dict, ou
     _torch_save_atomic({"model": trainable_state(model), "config": resolved, "step": step}, out / FINAL)
     plot_loss_curve(rows, out / "loss_curve.png", title=f"{cfg.method} ({cfg.loss.kind})")
     metrics = {"steps": step, "samples_per_s": summary["samples_per_s"], "world_size": info.world_size,
+               "skipped_samples": len(skipped), "skipped_fraction": skip_fraction,
                **{f"final_{k}": v for k, v in summary["final"].items()}}
     atomic_write_json(out / "metrics.json", metrics)
     if tp.metrics_file:
         atomic_write_json(tp.metrics_file, metrics)
     if tracker is not None:
-        tracker.log_metrics([{"step": step, "samples_per_s_run": samples_per_s}])
+        tracker.log_metrics([{"step": step, "samples_per_s_run": samples_per_s, "skipped_samples": len(skipped),
+                              "skipped_fraction": skip_fraction}])
         for name in ("train_config.json", "model_config.json", FINAL, "loss_curve.png", LOG_FILE, "metrics.json"):
             tracker.log_artifact(out / name)
     return summary

@@ -40,9 +40,11 @@ import torch
 
 from campe.cache import (
     CACHE_DTYPES, MANIFEST, MANIFEST_COMPARED, CacheCorruptError, CacheError, CacheMismatchError, LayoutMaker,
-    ShardWriter, _image_bytes, _shard_samples, cache_manifest, cache_shard_path, is_disk_full, iter_tar_samples,
-    manifest_differences, remove_stale_temps, shard_meta, tar_source_digest, verify_cache_shard)
+    ShardWriter, _image_bytes, _pa, _shard_samples, cache_manifest, cache_shard_path, is_disk_full, iter_tar_samples,
+    manifest_differences, remove_stale_temps, sample_caption, shard_meta, tar_source_digest, verify_cache_shard)
 from campe.config import load_params
+from campe.imageprep import (DEFAULT_MAX_SKIP_FRACTION, SHOWN_SKIPS, ImageDecodeError, SkipCounter, decode_image,
+                             validate_max_skip_fraction)
 from campe.io import atomic_write_json, output_lock
 from campe.multiprompt import MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
 from campe.shards import shard_paths
@@ -63,6 +65,7 @@ class CacheParams:
     limit: int = 0  # cache only the first N captions (0: all); for quick runs
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch threads; 0: the cores this process may use / local ranks
+    max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # undecodable images: stop once more than this fraction
 
     def validate(self) -> None:
         if self.dtype not in CACHE_DTYPES:
@@ -75,6 +78,7 @@ class CacheParams:
             raise ValueError(f"device '{self.device}' is not one of: {', '.join(DEVICES)}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0: all cores given), got {self.threads}")
+        validate_max_skip_fraction(self.max_skip_fraction)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -134,8 +138,9 @@ def _shard_state(path: Path, tar: str, budget: int | None, repair: bool) -> tupl
 
 @torch.no_grad()
 def _encode_window(encoder: MultiPromptTextEncoder, maker: LayoutMaker, window: list[tuple[str, str]],
-                   p: CacheParams, device: torch.device, writer: ShardWriter, bar) -> None:
-    """Frozen states of a window of captions, batched by length, written in the window's (tar) order."""
+                   p: CacheParams, device: torch.device, writer: ShardWriter, bar) -> int:
+    """Frozen states of a window of captions, batched by length, written in the window's (tar) order; returns how
+    many captions were longer than text_encoder.max_length (truncated to it)."""
     keys, captions = [k for k, _ in window], [c for _, c in window]
     layout = maker(captions)  # tokenized once; batches are row subsets of it
     lengths = layout.lengths
@@ -149,34 +154,86 @@ def _encode_window(encoder: MultiPromptTextEncoder, maker: LayoutMaker, window: 
             rows[r] = h[j, :int(lengths[r])]
         bar.update(len(chunk))
     writer.write(keys, captions, rows, layout)
+    return layout.n_truncated
 
 
 def _cache_shard(encoder: MultiPromptTextEncoder, maker: LayoutMaker, tar: str, path: Path, budget: int | None,
-                 p: CacheParams, device: torch.device, bar) -> int:
-    """Write one cache shard (atomically); returns its rows."""
+                 p: CacheParams, device: torch.device, bar, skips: SkipCounter) -> int:
+    """Write one cache shard (atomically); returns its rows. Samples whose image does not decode are left out,
+    counted in `skips` (which warns and stops the stage past cache.max_skip_fraction) and listed in the shard's
+    metadata, so training skips them too."""
     window_size = p.batch_size * BUCKET_BATCHES if p.length_bucketing else p.batch_size
     meta = {"source": os.path.relpath(tar, p.shards_dir), "source_bytes": os.path.getsize(tar),
             "source_digest": tar_source_digest(tar)}
-    n, skipped, complete = 0, 0, True
+    n, skipped, truncated, complete = 0, 0, 0, True
+    undecodable: list[str] = []
     with ShardWriter(path, p.dtype, encoder.lm.config.hidden_size, meta) as w:
         window: list[tuple[str, str]] = []
         for key, parts in iter_tar_samples(tar):
-            txt, img = parts.get("txt"), _image_bytes(parts)
-            if txt is None or img is None:
+            caption, img = sample_caption(parts), _image_bytes(parts)
+            if caption is None or img is None:
                 skipped += 1  # training skips these samples as well
                 continue
             if budget is not None and n >= budget:
                 complete = False  # more captions follow: a later run without --limit completes the shard
                 break
-            window.append((key, txt.decode("utf-8")))
+            try:
+                decode_image(img)  # what training will do with it: a sample it would skip is not cached
+            except ImageDecodeError as e:
+                undecodable.append(key)
+                skips.skip(tar, key, f"undecodable image ({e})")
+                continue
+            window.append((key, caption))
             n += 1
             if len(window) == window_size:
-                _encode_window(encoder, maker, window, p, device, w, bar)
+                truncated += _encode_window(encoder, maker, window, p, device, w, bar)
                 window = []
         if window:
-            _encode_window(encoder, maker, window, p, device, w, bar)
-        w.meta.update(complete=complete, skipped_no_caption=skipped)
+            truncated += _encode_window(encoder, maker, window, p, device, w, bar)
+        w.meta.update(complete=complete, skipped_no_caption=skipped, undecodable=undecodable, truncated=truncated)
     return n
+
+
+def _truncated_rows(path: Path, meta: dict[str, Any]) -> int:
+    if "truncated" in meta:
+        return int(meta["truncated"])
+    _, pq = _pa()  # a shard cached before the count was kept: count its column
+    return int(pq.read_table(path, columns=["truncated"]).column("truncated").to_numpy().sum())
+
+
+def cache_summary(shards: list[str], shards_dir: str, out: Path) -> dict[str, Any]:
+    """Over every finished cache shard: cached captions, captions truncated to text_encoder.max_length, and samples
+    left out because their image does not decode (count and the first shard:key)."""
+    rows = truncated = count = 0
+    first: list[str] = []
+    for tar in shards:
+        path = cache_shard_path(tar, shards_dir, out)
+        if not path.exists():
+            continue
+        meta = shard_meta(path)
+        rows += int(meta.get("rows", 0))
+        truncated += _truncated_rows(path, meta)
+        keys = meta.get("undecodable", [])
+        count += len(keys)
+        first.extend(f"{tar}:{k}" for k in keys[:max(0, SHOWN_SKIPS - len(first))])
+    return {"cached_captions": rows, "truncated_captions": truncated,
+            "undecodable_images": {"count": count, "first": first}}
+
+
+def _write_manifest_summary(out: Path, manifest: dict[str, Any], shards: list[str], shards_dir: str
+                            ) -> dict[str, Any]:
+    """The manifest with cache_summary(...) added. Under torchrun several ranks end at different times: each
+    summarises and writes under an exclusive lock on the folder, so the last one sees every rank's shards."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        summary = cache_summary(shards, shards_dir, out)
+        atomic_write_json(out / MANIFEST, {**manifest, **summary})
+    finally:
+        os.close(fd)  # releases the lock
+    return summary
 
 
 def cache_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, repair: bool = False, overwrite: bool = False,
@@ -249,6 +306,11 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwr
     total = sum(expected(i) for i in mine)
     done_captions = sum(expected(i) for i in mine if i not in todo)
     maker = LayoutMaker(encoder)
+    skips = SkipCounter("campe cache", total, p.max_skip_fraction, "cache.max_skip_fraction")
+    for i in mine:
+        if i not in todo:  # finished by an earlier run, which warned about them then
+            meta = shard_meta(cache_shard_path(shards[i], p.shards_dir, out))
+            skips.add_known([f"{shards[i]}:{k}" for k in meta.get("undecodable", [])])
     t0, written, nbytes, redone = time.perf_counter(), 0, 0, []
     bar = _progress(total, done_captions, f"campe cache [{rank}/{world_size}]" if world_size > 1 else "campe cache")
     try:
@@ -259,7 +321,7 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwr
                 print(f"campe cache: {path}: {why}", file=sys.stderr)
                 redone.append(str(path))
             try:
-                written += _cache_shard(encoder, maker, shards[i], path, budgets[i], p, device, bar)
+                written += _cache_shard(encoder, maker, shards[i], path, budgets[i], p, device, bar, skips)
             except OSError as e:
                 if is_disk_full(e):
                     kept = len(list(out.glob("pass-*/*.parquet")))
@@ -272,7 +334,8 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwr
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    return {"shards": len(shards), "rank": rank, "world_size": world_size, "shards_this_rank": len(mine),
+    summary = _write_manifest_summary(out, manifest, shards, p.shards_dir)
+    return {**summary, "shards": len(shards), "rank": rank, "world_size": world_size, "shards_this_rank": len(mine),
             "shards_written": len(todo), "shards_skipped": len(mine) - len(todo), "shards_redone": redone,
             "captions_written": written, "seconds": round(seconds, 2),
             "captions_per_s": round(written / seconds, 1) if written and seconds > 0 else 0.0,
@@ -315,6 +378,12 @@ def run(args: argparse.Namespace) -> int:
     except CacheError as e:
         print(f"campe cache: error: {e}", file=sys.stderr)
         return 1
+    n, cached = summary["truncated_captions"], summary["cached_captions"]
+    print(f"campe cache: {n} of {cached} cached captions were longer than text_encoder.max_length="
+          f"{enc.max_length} tokens and were truncated to it; {summary['undecodable_images']['count']} sample(s) "
+          f"left out with an undecodable image (both counted in {Path(p.output_dir) / MANIFEST})", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in ("shards", "rank", "shards_written", "shards_skipped",
-                                              "captions_written", "captions_per_s", "bytes_per_caption")}))
+                                              "captions_written", "captions_per_s", "bytes_per_caption",
+                                              "truncated_captions")}
+                     | {"undecodable_images": summary["undecodable_images"]["count"]}))
     return 0

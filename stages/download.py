@@ -21,6 +21,10 @@ and other absolute URLs pass through unchanged.
 
 Incremental: img2dataset's own incremental mode skips shards that have a `_stats.json`, so a re-run (or a run
 after a kill) only does the unfinished shards. The stats roll-up reads finished shards only.
+
+Captions: a row whose caption is null, empty or whitespace only is not downloaded (the text tower needs some text;
+a null would otherwise become the text "None"). Such rows are failures like a failed URL: counted in the stats by
+reason (`skipped`: reason, count and the first uids and URLs; `skipped_caption`; `top_errors`), and not retried.
 """
 from __future__ import annotations
 
@@ -125,9 +129,29 @@ def read_url_list(path: str | Path, p: DownloadParams):
     out = df[[p.url_col, p.caption_col, *p.extra_columns]].copy()
     out.columns = ["url", "caption", *p.extra_columns]
     out["url"] = out["url"].astype(str)
-    out["caption"] = out["caption"].astype(str)
+    null = out["caption"].isna()  # before astype(str), which would make a null the text "None" / "nan"
+    out["caption"] = out["caption"].where(null, out["caption"].astype(str))
     out["uid"] = range(len(out))
     return out
+
+
+CAPTION_SKIPS = {"null": "null caption", "blank": "blank caption (empty or whitespace only)"}
+SHOWN_SKIPS = 10  # rows listed per skip reason in the stats
+
+
+def caption_skips(df) -> tuple[Any, list[dict[str, Any]]]:
+    """Split a URL list (read_url_list) into the rows to download and the rows skipped for their caption: a null
+    caption, or one that is empty or whitespace only (the text tower needs some text). Returns (rows to download,
+    [{"reason", "count", "first": [{"uid", "url"}, ...]}] per reason with rows), `uid` = the row of the list."""
+    null = df["caption"].isna()
+    blank = ~null & (df["caption"].fillna("").str.strip() == "")
+    skipped = []
+    for name, mask in (("null", null), ("blank", blank)):
+        if mask.any():
+            rows = df.loc[mask, ["uid", "url"]].head(SHOWN_SKIPS)
+            skipped.append({"reason": CAPTION_SKIPS[name], "count": int(mask.sum()),
+                            "first": [{"uid": int(u), "url": str(x)} for u, x in zip(rows["uid"], rows["url"])]})
+    return df[~(null | blank)], skipped
 
 
 def _file_sha256(path: Path) -> str:
@@ -296,13 +320,18 @@ def _read_status(out: Path):
     return allrows.drop(columns="ok")
 
 
-def roll_up_stats(out: Path, total_rows: int, seconds: float, attempted: int) -> dict[str, Any]:
-    """One metric file from img2dataset's per-shard parquet/stats: counts, success rate, top errors."""
+def roll_up_stats(out: Path, total_rows: int, seconds: float, attempted: int,
+                  skipped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One metric file from img2dataset's per-shard parquet/stats: counts, success rate, top errors. `skipped`: the
+    rows not downloaded for their caption (caption_skips): failures too, listed by reason with their first uids."""
+    skipped = skipped or []
     status = _read_status(out)
     succ = int((status["status"] == "success").sum())
     failed = status[status["status"] != "success"]
     errors = collections.Counter(str(e) for e in failed["error_message"].fillna("unknown error"))
+    errors.update({s["reason"]: s["count"] for s in skipped})
     shards = sum(len(_finished_shards(d)) for d in _pass_dirs(out))
+    n_skipped = sum(s["count"] for s in skipped)
     return {
         "samples": total_rows,
         "successes": succ,
@@ -310,8 +339,10 @@ def roll_up_stats(out: Path, total_rows: int, seconds: float, attempted: int) ->
         "success_rate": round(succ / total_rows, 6) if total_rows else 0.0,
         "failed_to_download": int((failed["status"] == "failed_to_download").sum()),
         "failed_to_resize": int((failed["status"] == "failed_to_resize").sum()),
-        "not_attempted": total_rows - len(status),
+        "skipped_caption": n_skipped,
+        "not_attempted": total_rows - len(status) - n_skipped,
         "top_errors": [{"error": e, "count": c} for e, c in errors.most_common(5)],
+        "skipped": skipped,
         "passes": len(_pass_dirs(out)),
         "shards": shards,
         "attempted_this_run": attempted,
@@ -331,7 +362,14 @@ def download_stage(p: DownloadParams, retry_failed: bool = False, overwrite: boo
 def _download(p: DownloadParams, retry_failed: bool, overwrite: bool) -> dict[str, Any]:
     out = Path(p.output_dir)
     list_path = Path(p.url_list)
-    df = read_url_list(list_path, p)
+    every = read_url_list(list_path, p)
+    df, skipped = caption_skips(every)
+    if len(df) == 0:
+        raise DownloadInputError(f"URL list {list_path}: every one of its {len(every)} rows has a null or blank "
+                                 f"caption (column '{p.caption_col}', download.caption_col); nothing to download")
+    for s in skipped:
+        print(f"campe download: skipping {s['count']} row(s) of {list_path} with a {s['reason']} (first uids: "
+              f"{[r['uid'] for r in s['first']]}; counted in {p.stats_file})", file=sys.stderr)
     fp = {"url_list": str(list_path), "url_list_sha256": _file_sha256(list_path), **p.fingerprint_fields()}
     fp_path = out / "fingerprint.json"
     if fp_path.exists():
@@ -379,10 +417,10 @@ def _download(p: DownloadParams, retry_failed: bool, overwrite: bool) -> dict[st
     # Samples in key order (= URL-list order within a shard), whatever order the download threads finished in: a
     # re-download then gives the same training data order, and the cache stage keeps its shards. Relative URLs go
     # back to the list's form, so no shard records where the checkout lies.
-    rewritten = _normalise_shards(out, UrlRestorer(df["url"].tolist(), list_path))
+    rewritten = _normalise_shards(out, UrlRestorer(every["url"].tolist(), list_path))  # indexed by uid
     if rewritten:
         print(f"campe download: put {rewritten} shard(s) in key order with the URLs as the list gives them")
-    stats = roll_up_stats(out, len(df), time.perf_counter() - t0, attempted)
+    stats = roll_up_stats(out, len(every), time.perf_counter() - t0, attempted, skipped)
     stats["url_list"] = str(list_path)
     atomic_write_json(p.stats_file, stats)
     if stats["success_rate"] < p.min_success_rate:

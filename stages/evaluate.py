@@ -15,6 +15,10 @@ writes `<metrics_dir>/<name>.json` (dataset, split, caption policy, checkpoint, 
 retrieval-examples grid and, for multi-prompt models, one patch-similarity map per prompt segment. Zero-shot
 classification on the generated set's shape and colour classes goes to `<metrics_dir>/zero_shot.json`. Everything
 is also logged to the training run in MLflow when the checkpoint has an `mlflow_run_id.txt`.
+
+Images and video frames are preprocessed as in training (campe.imageprep: aspect ratio kept, white border). An
+image or video that does not decode is left out with its captions, warned about (set and file), counted in the
+record (`undecodable`: count and the first files), and the set fails once they pass evaluate.max_skip_fraction.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from campe.config import load_params
 from campe.embed import Embedder
 from campe.evaldata import (ZERO_SHOT_TEMPLATES, class_folder, class_prompts, load_karpathy, load_msrvtt,
                             make_zero_shot_folders)
+from campe.imageprep import DEFAULT_MAX_SKIP_FRACTION, SkipCounter, validate_max_skip_fraction
 from campe.io import atomic_write_json, store_uri
 from campe.retrieval import eval_record, retrieval_metrics, zero_shot_classify
 
@@ -65,6 +70,7 @@ class EvaluateParams:
     msrvtt_max_captions: int = 20
     video_frames: int = 8
     examples: int = 4  # queries shown in the retrieval-examples grid and images in the aspect maps
+    max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # undecodable images/videos: stop past this fraction
 
     def validate(self) -> None:
         from campe.evaldata import EvalDataParams
@@ -78,6 +84,7 @@ class EvaluateParams:
                        video_frames=self.video_frames).validate()
         if self.batch_size < 1 or self.examples < 0:
             raise ValueError("batch_size must be >= 1 and examples >= 0")
+        validate_max_skip_fraction(self.max_skip_fraction)
 
 
 def params_hash(p: EvaluateParams) -> str:
@@ -129,9 +136,24 @@ def _aspect_maps(p: EvaluateParams, name: str, emb: Embedder, image_paths, capti
                                   Path(p.plots_dir) / f"{name}_aspect_maps.png")
 
 
+class _Undecodable:
+    """on_undecodable for Embedder.images / .videos: warns and counts (SkipCounter: stops past
+    evaluate.max_skip_fraction) and keeps the indices, to drop those items and their captions."""
+
+    def __init__(self, name: str, total: int, p: EvaluateParams, kind: str = "image"):
+        self.counter = SkipCounter("campe evaluate", total, p.max_skip_fraction, "evaluate.max_skip_fraction")
+        self.name, self.kind, self.indices = name, kind, []
+
+    def __call__(self, index: int, path: str, reason: str) -> None:
+        self.indices.append(index)
+        self.counter.skip(self.name, path, f"undecodable {self.kind} ({reason})")
+
+
 def evaluate_image_set(p: EvaluateParams, emb: Embedder, name: str, ann: str) -> dict[str, Any]:
     ds = load_karpathy(ann, split=p.karpathy_split, max_captions=p.max_captions, on_missing=p.on_missing)
-    img = emb.images(ds.image_paths)
+    bad = _Undecodable(name, len(ds.image_paths), p)
+    img = emb.images(ds.image_paths, bad)
+    ds = ds.without(bad.indices)
     txt, seg = emb.texts(ds.captions)
     k = None if seg is None else seg.shape[1]
     metrics = _metrics(p, img, txt, ds.txt_to_img, k)
@@ -144,13 +166,15 @@ def evaluate_image_set(p: EvaluateParams, emb: Embedder, name: str, ann: str) ->
                       checkpoint=p.checkpoint, params_hash=params_hash(p), weights=p.aspect_weights or None,
                       ties=p.ties, tie_tol=p.tie_tol, annotation=str(ann), images=len(ds.image_paths),
                       captions=len(ds.captions),
-                      skipped=ds.skipped, k_segments=k)
+                      skipped=ds.skipped, undecodable=bad.counter.record(), k_segments=k)
     return {"record": rec, "files": files}
 
 
 def evaluate_video_set(p: EvaluateParams, emb: Embedder, name: str, root: str) -> dict[str, Any]:
     ds = load_msrvtt(root, policy=p.msrvtt_policy, max_captions=p.msrvtt_max_captions, on_missing=p.on_missing)
-    vid = emb.videos(ds.video_paths)
+    bad = _Undecodable(name, len(ds.video_paths), p, "video")
+    vid = emb.videos(ds.video_paths, bad)
+    ds = ds.without(bad.indices)
     txt, seg = emb.texts(ds.captions)
     k = None if seg is None else seg.shape[1]
     # Video sets name the directions v2t / t2v (MSR-VTT convention).
@@ -161,7 +185,7 @@ def evaluate_video_set(p: EvaluateParams, emb: Embedder, name: str, root: str) -
                       params_hash=params_hash(p), weights=p.aspect_weights or None, ties=p.ties,
                       tie_tol=p.tie_tol, root=str(root),
                       videos=len(ds.video_paths), captions=len(ds.captions), skipped=ds.skipped,
-                      frames=p.video_frames, k_segments=k)
+                      undecodable=bad.counter.record(), frames=p.video_frames, k_segments=k)
     return {"record": rec, "files": files}
 
 
@@ -169,13 +193,18 @@ def evaluate_zero_shot(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict
     """Shape and colour classification of the generated test images from class-name prompts."""
     folders = make_zero_shot_folders(p.zero_shot_root, work_dir / "zero_shot")
     metrics: dict[str, float] = {}
+    undecodable: dict[str, dict] = {}
     for task, folder in folders.items():
         paths, labels, names = class_folder(folder)
         prompts = class_prompts(names, ZERO_SHOT_TEMPLATES[task])
         C, T = len(prompts), len(prompts[0])
         txt, seg = emb.texts([s for row in prompts for s in row])
         class_emb = txt.view(C, T, -1)
-        img = emb.images(paths)
+        bad = _Undecodable(f"zero_shot/{task}", len(paths), p)
+        img = emb.images(paths, bad)
+        dropped = set(bad.indices)
+        labels = [y for i, y in enumerate(labels) if i not in dropped]
+        undecodable[task] = bad.counter.record()
         ks = [k for k in p.zero_shot_ks if k <= C]
         res = zero_shot_classify(img, class_emb, torch.as_tensor(labels), ks=ks, ties=p.ties,
                                  tie_tol=p.tie_tol)
@@ -186,7 +215,8 @@ def evaluate_zero_shot(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict
             metrics.update({f"reweighted_{task}_{k}": v for k, v in res.items()})
     rec = eval_record(metrics, dataset="generated_zero_shot", split="test", caption_policy="class-name templates",
                       checkpoint=p.checkpoint, params_hash=params_hash(p), weights=p.aspect_weights or None,
-                      ties=p.ties, tie_tol=p.tie_tol, classes={t: len(class_folder(f)[2]) for t, f in folders.items()})
+                      ties=p.ties, tie_tol=p.tie_tol, classes={t: len(class_folder(f)[2]) for t, f in folders.items()},
+                      undecodable=undecodable)
     return {"record": rec, "files": []}
 
 

@@ -455,15 +455,20 @@ def test_ranks_and_workers_take_disjoint_shards_and_epochs_reshuffle(shards, tmp
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-def test_cli_run_reads_both_params_sections(shards, tmp_path, capsys):
-    params = tmp_path / "params.yaml"
-    params.write_text(f"text_encoder:\n  k: 2\n  embed_dim: 64\ncache:\n  shards_dir: {shards}\n"
-                      f"  output_dir: {tmp_path / 'cache'}\n  batch_size: 4\n  limit: 5\n  threads: 1\n")
+def _cache_cli(params: Path) -> int:
+    """`campe cache --params PARAMS` (the stage's run())."""
     import argparse
     from stages.cache import add_arguments
     ap = argparse.ArgumentParser()
     add_arguments(ap)
-    assert run(ap.parse_args(["--params", str(params)])) == 0
+    return run(ap.parse_args(["--params", str(params)]))
+
+
+def test_cli_run_reads_both_params_sections(shards, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"text_encoder:\n  k: 2\n  embed_dim: 64\ncache:\n  shards_dir: {shards}\n"
+                      f"  output_dir: {tmp_path / 'cache'}\n  batch_size: 4\n  limit: 5\n  threads: 1\n")
+    assert _cache_cli(params) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["captions_written"] == 5 and summary["bytes_per_caption"] > 0
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
@@ -471,4 +476,68 @@ def test_cli_run_reads_both_params_sections(shards, tmp_path, capsys):
     params.write_text(params.read_text().replace("batch_size: 4", "batch_sise: 4"))
     from campe.config import ConfigError
     with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
-        run(ap.parse_args(["--params", str(params)]))
+        _cache_cli(params)
+
+
+# ------------------------------------------------------------------------------------------------ undecodable, blank
+
+def test_undecodable_image_and_blank_caption_are_left_out_counted_and_skipped_alike(shards, tmp_path,
+                                                                                     make_encoder):
+    """A tar member KEY.jpg with garbage bytes: the cache stage warns (shard and key), leaves the sample out, lists
+    it in the shard metadata and counts it in the manifest; training data (cached and online) skips the same
+    sample. A whitespace-only caption (shards from elsewhere) is no caption: left out, no 'caption is empty'."""
+    import re
+    import warnings
+
+    from campe.imageprep import TooManySkipsError, UndecodableImageWarning
+    from tests.shard_tools import damaged_copy
+
+    root, bad = damaged_copy(shards, tmp_path / "shards", garbage=1, blank=1)
+    (tar, key), = bad["garbage"]
+    enc = make_encoder("llama")
+    out = tmp_path / "cache"
+    with pytest.warns(UndecodableImageWarning, match=rf"skipping {key} of {re.escape(tar)}: undecodable image"):
+        s = cache(root, out, enc, max_skip_fraction=0.05)
+    assert s["captions_written"] == s["cached_captions"] == 46
+    assert s["undecodable_images"] == {"count": 1, "first": [f"{tar}:{key}"]}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["undecodable_images"] == s["undecodable_images"] and manifest["cached_captions"] == 46
+
+    data = open_training_data(root, out, enc)
+    with pytest.warns(UndecodableImageWarning, match=rf"skipping sample {key} of shard {re.escape(tar)}"):
+        keys = [x["key"] for x in data]
+    assert len(keys) == data.num_samples == 46 and key not in keys and data.total_samples == 48
+    batches = list(data.batches(16))  # two full batches; the 14 left over are dropped
+    assert [len(b["keys"]) for b in batches if "images" in b] == [16, 16]
+    assert [(x.where, x.key) for b in batches for x in b["skipped"]] == [(tar, key)]
+    online = open_training_data(root, None, enc)
+    with pytest.warns(UndecodableImageWarning, match=rf"{key} of shard {re.escape(tar)}: undecodable image"):
+        assert [x["key"] for x in online] == keys
+
+    # A re-run keeps the finished shards and their count; past the fraction the stage stops, naming the sample.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UndecodableImageWarning)  # known skips are not warned about again
+        s = cache(root, out, enc, max_skip_fraction=0.05)
+    assert s["shards_written"] == 0 and s["undecodable_images"]["count"] == 1
+    want = rf"1 of 48 samples could not be decoded .*cache.max_skip_fraction=0.0 .*{re.escape(f'{tar}:{key}')}"
+    with pytest.warns(UndecodableImageWarning), pytest.raises(TooManySkipsError, match=want):
+        cache(root, tmp_path / "cache0", enc, max_skip_fraction=0.0)
+    assert not list((tmp_path / "cache0").glob("pass-*/*.parquet"))  # no partial shard left behind
+
+
+def test_truncated_captions_are_counted_in_the_manifest_and_printed(shards, tmp_path, tok, capsys):
+    from campe.cache import iter_tar_samples
+    from campe.shards import shard_paths
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"text_encoder:\n  k: 2\n  embed_dim: 64\n  max_length: 12\ncache:\n  shards_dir: {shards}\n"
+                      f"  output_dir: {tmp_path / 'cache'}\n  batch_size: 16\n  threads: 1\n")
+    assert _cache_cli(params) == 0
+    captured = capsys.readouterr()
+    captions = [p["txt"].decode() for t in shard_paths(shards) for _, p in iter_tar_samples(t)]
+    want = sum(len(tok(c)["input_ids"]) > 12 for c in captions)  # [CLS] caption [SEP] longer than max_length
+    assert 0 < want < len(captions) == 48
+    assert json.loads(captured.out.strip().splitlines()[-1])["truncated_captions"] == want
+    assert f"{want} of 48 cached captions were longer than text_encoder.max_length=12 tokens" in captured.err
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["truncated_captions"] == want and manifest["cached_captions"] == 48

@@ -211,3 +211,44 @@ def test_sort_shard_puts_samples_in_key_order_keeping_every_member(tmp_path):
     mtime = path.stat().st_mtime_ns
     assert sort_shard(path) is False and path.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == ["00000.tar"]  # no temp file left
+
+
+def test_null_and_blank_captions_are_counted_skips_not_downloaded(tiny_generated, tmp_path, capsys):
+    """A null caption (not the text "None") and empty / whitespace-only ones are not downloaded: counted as failures
+    by reason with their first uids (rows of the list) in the stats, like failed URLs; --retry-failed leaves them."""
+    from stages.download import caption_skips
+
+    _, root = tiny_generated
+    good = pd.read_parquet(root / "urls" / "train.parquet")[["url", "caption", "image_id"]].head(10)
+    good["url"] = [resolve_url(u, root / "urls" / "train.parquet") for u in good["url"]]  # the list lives elsewhere
+    img = good.loc[0, "url"]
+    bad = pd.DataFrame({"url": [img] * 4, "caption": [None, "   ", "", "\t\n"], "image_id": ["n", "w", "e", "t"]})
+    df = pd.concat([good.iloc[:5], bad.iloc[:1], good.iloc[5:], bad.iloc[1:]], ignore_index=True)
+    path = tmp_path / "urls.parquet"
+    df.to_parquet(path)  # uids 0-4 and 6-10 good, 5 null, 11-13 blank
+    p = _params(tmp_path, path, "captions")
+    stats = download_stage(p)
+    assert "skipping 1 row(s)" in capsys.readouterr().err
+    assert (stats["samples"], stats["successes"], stats["failures"]) == (14, 10, 4)
+    assert (stats["skipped_caption"], stats["not_attempted"], stats["failed_to_download"]) == (4, 0, 0)
+    blank = "blank caption (empty or whitespace only)"
+    assert stats["skipped"] == [
+        {"reason": "null caption", "count": 1, "first": [{"uid": 5, "url": img}]},
+        {"reason": blank, "count": 3, "first": [{"uid": u, "url": img} for u in (11, 12, 13)]}]
+    assert {e["error"]: e["count"] for e in stats["top_errors"]} == {blank: 3, "null caption": 1}
+    assert json.loads(Path(p.stats_file).read_text()) == stats
+    samples = _samples_by_uid(Path(p.output_dir))
+    assert sorted(samples) == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert all(s["txt"].strip() and s["txt"] != "None" for s in samples.values())
+    stats = download_stage(p, retry_failed=True)  # nothing to retry: the skipped rows are not failed downloads
+    assert stats["attempted_this_run"] == 0 and stats["passes"] == 1 and stats["skipped_caption"] == 4
+
+    # A csv's empty cell is a blank caption as well; a list with no usable caption is an input error.
+    csv_path = tmp_path / "urls.csv"
+    pd.DataFrame({"url": [img, img], "caption": ["a red circle", ""], "image_id": ["1", "2"]}).to_csv(csv_path,
+                                                                                                       index=False)
+    rows, skipped = caption_skips(read_url_list(csv_path, p))
+    assert rows["uid"].tolist() == [0] and skipped == [{"reason": blank, "count": 1, "first": [{"uid": 1, "url": img}]}]
+    df.iloc[[5, 11]].to_parquet(path)
+    with pytest.raises(DownloadError, match=r"every one of its 2 rows has a null or blank caption"):
+        download_stage(_params(tmp_path, path, "all_bad"))

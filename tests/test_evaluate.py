@@ -178,3 +178,44 @@ def test_campe_evaluate_refuses_to_evaluate_nothing(tmp_path):
     with pytest.raises(ValueError, match="--zero-shot: give a generated set"):
         stage.run(args)
 
+
+
+def test_undecodable_images_and_videos_are_skipped_counted_and_stop_past_the_fraction(tiny_generated, vanilla,
+                                                                                        tmp_path):
+    """Garbage bytes in a test image and in a test video: each is left out with its captions and a warning naming
+    the set and the file, counted in the record (`undecodable`), and past evaluate.max_skip_fraction the set fails."""
+    import csv
+
+    from campe.imageprep import TooManySkipsError, UndecodableImageWarning
+
+    _, root = tiny_generated
+    copy = tmp_path / "gen"
+    shutil.copytree(root, copy)
+    bad_image = copy / "images" / "test_000002.jpg"
+    bad_image.write_bytes(b"not a jpeg at all")
+    with open(copy / "msrvtt" / "MSRVTT_JSFUSION_test.csv") as f:
+        video_id = next(csv.DictReader(f))["video_id"]
+    bad_video = copy / "msrvtt" / "videos" / f"{video_id}.mp4"
+    bad_video.write_bytes(b"not an mp4 either")
+
+    p = _params(copy, tmp_path, max_skip_fraction=0.5)
+    with pytest.warns(UndecodableImageWarning) as w:
+        results = evaluate_all(p, vanilla[1], tmp_path)
+    messages = [str(x.message) for x in w]
+    assert any(f"skipping {bad_image} of gen: undecodable image" in m for m in messages)
+    assert any(f"skipping {bad_video} of gen_video: undecodable video" in m for m in messages)
+    gen = results["gen"]["record"]
+    assert (gen["images"], gen["captions"], gen["skipped"]) == (5, 25, 0)
+    assert gen["undecodable"] == {"count": 1, "first": [f"gen:{bad_image}"]}
+    vid = results["gen_video"]["record"]
+    assert (vid["videos"], vid["captions"]) == (2, 2) and vid["undecodable"]["count"] == 1  # 1k-A: one caption each
+    zs = results["zero_shot"]["record"]
+    assert {t: r["count"] for t, r in zs["undecodable"].items()} == {"shape": 1, "colour": 1}
+    on_disk = json.loads((tmp_path / "metrics" / "gen.json").read_text())
+    assert on_disk["undecodable"]["count"] == 1
+
+    # One of 6 images is more than the default 1 %: the set stops, naming the file.
+    p = _params(copy, tmp_path, video_sets={}, zero_shot_root="")
+    want = rf"1 of 6 samples could not be decoded .*evaluate.max_skip_fraction=0.01 .*{bad_image}"
+    with pytest.warns(UndecodableImageWarning), pytest.raises(TooManySkipsError, match=want):
+        evaluate_all(p, vanilla[1], tmp_path)

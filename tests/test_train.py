@@ -7,6 +7,7 @@ checkpoint folder (with the packaged MiniLM tokenizer) for the multi-prompt enco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -348,3 +349,123 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path):
 def _initial_state() -> dict:
     model, _, _ = build_run_model(_cfg(Path("unused")))
     return model.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------ undecodable images
+
+@pytest.fixture(scope="module")
+def damaged(shards, tmp_path_factory):
+    """The train shards (30 + 18 samples) with one sample's image bytes replaced by garbage and one caption blanked,
+    in the smaller shard, which every epoch reads to its end (48 samples in the shards, 46 trainable): (folder,
+    the bad sample's id 'shard:key', its key)."""
+    from tests.shard_tools import damaged_copy
+    root, bad = damaged_copy(shards, tmp_path_factory.mktemp("damaged") / "shards", garbage=1, blank=1, shard=-1)
+    (tar, key), = bad["garbage"]
+    return root, f"{tar}:{key}", key
+
+
+def _metrics(path: Path) -> dict:
+    import json
+    return json.loads(path.read_text())
+
+
+def test_undecodable_sample_is_skipped_counted_once_and_resume_stays_exact(damaged, tiny_lm, tmp_path):
+    """Online from damaged shards over three epochs: the sample is warned about once (shard and key), counted once
+    in metrics.json, MLflow and the checkpoint; a run killed and resumed equals the uninterrupted one bit for
+    bit, with the same count."""
+    from campe.imageprep import UndecodableImageWarning
+    root, sid, key = damaged
+
+    def cfg(out, **kw):
+        return _cfg(out, "multi_prompt_div_neg", tiny_lm, steps=14, ckpt_every=5, log_every=2,
+                    shards_dir=str(root), cache_dir="", metrics_file=str(out / "train.json"), max_skip_fraction=0.05,
+                    **kw)
+
+    full = tmp_path / "full"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.warns(UndecodableImageWarning, match=rf"campe train: skipping sample {key} of .*undecodable") as w:
+        summary = train(cfg(full, tracking_uri=uri, artifact_root=str(tmp_path / "art")))
+    assert sum(key in str(x.message) for x in w) == 1  # 46 samples, 5 batches of 8 per epoch: 3 epochs, one warning
+    assert summary["skipped_samples"] == 1 and _ckpt(full)["epoch"] == 2
+    m = _metrics(full / "train.json")
+    assert (m["skipped_samples"], m["skipped_fraction"]) == (1, round(1 / 48, 6))
+    assert list(_ckpt(full)["skipped"]) == [sid]
+    from mlflow.tracking import MlflowClient
+    run_id = (full / RUN_ID_FILE).read_text().strip()
+    assert [x.value for x in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "skipped_samples")] == [1.0]
+
+    killed = tmp_path / "killed"
+    with pytest.warns(UndecodableImageWarning, match=key):
+        train(cfg(killed), stop_at=8, checkpoint_at_stop=False)
+    assert _ckpt(killed)["step"] == 5 and list(_ckpt(killed)["skipped"]) == [sid]
+    assert train(cfg(killed), resume=True)["skipped_samples"] == 1  # known from the checkpoint: no new warning
+    a, b = _ckpt(full), _ckpt(killed)
+    assert a["step"] == b["step"] == 14
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+    assert strip(read_log(full / LOG_FILE)) == strip(read_log(killed / LOG_FILE))
+    assert _metrics(killed / "train.json")["skipped_samples"] == 1
+
+
+def test_cached_and_vanilla_training_skip_the_same_sample_and_too_many_skips_stop(damaged, tiny_lm, tmp_path):
+    from campe.imageprep import TooManySkipsError, UndecodableImageWarning
+    from stages.cache import CacheParams, cache_stage
+    root, sid, key = damaged
+    cache = str(tmp_path / "cache")
+    cfg = _cfg(tmp_path / "cached", "multi_prompt_div_neg", tiny_lm, steps=12, log_every=4, shards_dir=str(root),
+               cache_dir=cache, metrics_file=str(tmp_path / "cached.json"), max_skip_fraction=0.05)
+    with pytest.warns(UndecodableImageWarning, match=key):
+        cache_stage(CacheParams(shards_dir=str(root), output_dir=cache, threads=1, max_skip_fraction=0.05),
+                    cfg.text_encoder)
+    with pytest.warns(UndecodableImageWarning, match=rf"skipping sample {key} of .*found by campe cache"):
+        assert train(cfg)["skipped_samples"] == 1
+    assert _metrics(tmp_path / "cached.json")["skipped_fraction"] == round(1 / 48, 6)
+
+    pairs = MemoryPairs.from_shards(root, 32)  # the vanilla tower's data: decoded once, the same sample left out
+    assert len(pairs) == 46 and [x.id for x in pairs.skipped] == [sid] and pairs.total_samples == 48
+    vanilla = _cfg(tmp_path / "vanilla", "vanilla", steps=3, log_every=1, shards_dir=str(root),
+                   metrics_file=str(tmp_path / "vanilla.json"), max_skip_fraction=0.05)
+    with pytest.warns(UndecodableImageWarning, match=key):
+        assert train(vanilla)["skipped_samples"] == 1
+
+    for c in (dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_skip_fraction=0.0,
+                                                                   out_dir=str(tmp_path / "c0"))),
+              dataclasses.replace(vanilla, train=dataclasses.replace(vanilla.train, max_skip_fraction=0.0,
+                                                                       out_dir=str(tmp_path / "v0")))):
+        want = rf"campe train: 1 of 48 samples could not be decoded .*train.max_skip_fraction=0.0 .*{key}"
+        with pytest.warns(UndecodableImageWarning), pytest.raises(TooManySkipsError, match=want):
+            train(c)
+        assert not (Path(c.train.out_dir) / FINAL).exists()
+
+
+def _ddp_train(rank: int, world_size: int, port: int, cfg, err_dir: str) -> None:
+    from campe.imageprep import TooManySkipsError
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    try:
+        train(cfg)
+    except TooManySkipsError as e:  # recorded per rank: the test checks that every rank stopped, none hung
+        Path(err_dir, f"rank{rank}.err").write_text(str(e))
+
+
+def test_ddp_ranks_count_a_skip_alike_and_stop_together_past_the_fraction(damaged, tiny_lm, tmp_path):
+    """Two gloo ranks online on the damaged shards: full batches on both ranks, the skip seen by one rank is
+    counted once by all (checkpoint and metrics); past the fraction both ranks stop at the same flush."""
+    root, sid, key = damaged
+    kw = dict(steps=8, batch_size=8, log_every=2, shards_dir=str(root), cache_dir="")
+    ok = _cfg(tmp_path / "ok", "multi_prompt_div_neg", tiny_lm, metrics_file=str(tmp_path / "ok.json"),
+              max_skip_fraction=0.05, **kw)
+    stop = _cfg(tmp_path / "stop", "multi_prompt_div_neg", tiny_lm, max_skip_fraction=0.0, **kw)
+    for cfg in (ok, stop):
+        ctx = mp.start_processes(_ddp_train, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+        join_spawned(ctx, timeout=240)
+    ck = _ckpt(tmp_path / "ok")
+    assert ck["step"] == 8 and ck["world_size"] == 2 and list(ck["skipped"]) == [sid]
+    assert _metrics(tmp_path / "ok.json")["skipped_samples"] == 1
+    errors = [(tmp_path / f"rank{r}.err").read_text() for r in (0, 1)]
+    assert errors[0] == errors[1] and "train.max_skip_fraction=0.0" in errors[0] and sid in errors[0]
+    assert not (tmp_path / "stop" / FINAL).exists()
