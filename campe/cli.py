@@ -1,4 +1,4 @@
-"""The `campe` command: one subcommand per pipeline stage (plus debugging helpers).
+"""The `campe` command: a dispatcher over the commands that installed packages register.
 
     campe generate            # make the embedded default benchmark (images, videos, URL list)
     campe download            # img2dataset -> webdataset shards, stats roll-up
@@ -11,49 +11,71 @@
     campe prompts "a red circle on a blue background"
     campe params check        # every section and the checks across them; `campe params schema` writes the schema
 
-Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args) -> int`; the module
-is imported only when its subcommand is used, so `campe --help` stays fast.
+The command table is the entry-point group `campe.commands` (pyproject.toml: `name = "module"`), so this library
+module names no application module: the stages and the flow (the app side) register themselves, and a second
+method's package can add its own commands the same way. Each command module provides `add_arguments(parser)`,
+`run(args) -> int` and `HELP` (a one-line string literal). `campe --help` reads HELP from the module's source with
+ast, and a module is imported only when its command runs, so `campe --help` stays fast.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.metadata
+import importlib.util
 import sys
 
 from campe.config import ConfigError
 from campe.io import OutputInUse
 
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("stages.generate", "generate the embedded default benchmark (images, videos, annotations)"),
-    "download": ("stages.download", "download a URL list with img2dataset into webdataset shards"),
-    "ablate": ("campe.ablate", "the ablation table: methods x softmax/sigmoid x seeds, mean ± std (resumable)"),
-    "flow": ("pipelines.campe_flow", "run, show or serve the Prefect flow (scheduled deployment from params.yaml)"),
-    "cache": ("stages.cache", "precompute the frozen text-LM hidden states of every caption (resumable, sharded)"),
-    "train": ("stages.train", "train CAMPE or a baseline from the cache or online (DDP under torchrun, MLflow)"),
-    "evaluate": ("stages.evaluate", "image/video retrieval, zero-shot classification and pictures for a checkpoint"),
-    "prompts": ("campe.prompts_debug", "show the multi-prompt token layout and attention mask of a caption"),
-    "params": ("stages.params", "check params.yaml (every section, across sections) or write its JSON Schema"),
-}
+GROUP = "campe.commands"
 
 
-def _usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = [f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items()]
+def _help_of(module: str) -> str:
+    """The module's HELP string, read from its source (the module is not imported; its parent packages are)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise ModuleNotFoundError(f"campe: the module {module!r} of a `{GROUP}` entry point is not installed")
+    with open(spec.origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), spec.origin)
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["HELP"]
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            return node.value.value
+    return ""
+
+
+def commands() -> dict[str, tuple[str, str]]:
+    """name -> (module, one-line help), by name (the first distribution that registers a name wins)."""
+    table: dict[str, tuple[str, str]] = {}
+    for ep in importlib.metadata.entry_points(group=GROUP):
+        table.setdefault(ep.name, (ep.value, ""))
+    return {name: (module, _help_of(module)) for name, (module, _) in sorted(table.items())}
+
+
+def _usage(table: dict[str, tuple[str, str]]) -> str:
+    if not table:
+        return f"usage: campe <command> [options]\n\nno commands registered (entry points `{GROUP}`): reinstall campe"
+    width = max(map(len, table))
+    lines = [f"  {n:<{width}}  {h}" for n, (_, h) in table.items()]
     return "usage: campe <command> [options]\n\ncommands:\n" + "\n".join(lines) + "\n\n`campe <command> -h` for options."
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        print(_usage(commands()))
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"campe: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+    eps: dict[str, str] = {}
+    for ep in importlib.metadata.entry_points(group=GROUP):
+        eps.setdefault(ep.name, ep.value)
+    if name not in eps:
+        print(f"campe: unknown command '{name}'\n\n{_usage(commands())}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"campe {name}", description=COMMANDS[name][1])
+    module = importlib.import_module(eps[name])
+    parser = argparse.ArgumentParser(prog=f"campe {name}", description=module.HELP)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:

@@ -12,6 +12,9 @@ import argparse
 
 from campe.multiprompt import MultiPromptConfig, POOLINGS, PromptLayout, build_text_encoder
 
+# `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
+HELP = "show the multi-prompt token layout and attention mask of a caption"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = MultiPromptConfig()

@@ -51,6 +51,9 @@ from stages.generate import run_stage as generate_stage
 from stages.params import check_params
 from stages.train import load_run_config, run_stage as train_stage
 
+# `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
+HELP = "run, show or serve the Prefect flow (scheduled deployment from params.yaml)"
+
 # The params sections each stage reads (what its params hash covers; the same lists as dvc.yaml's `params`).
 STAGE_SECTIONS = {"generate": ("generate",), "download": ("download",), "cache": ("cache", "text_encoder"),
                   "train": ("text_encoder", "model", "loss", "train"), "evaluate": ("evaluate",)}

@@ -49,6 +49,9 @@ from campe.io import atomic_write_json, output_lock
 from campe.multiprompt import MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
 from campe.shards import shard_paths
 
+# `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
+HELP = "precompute the frozen text-LM hidden states of every caption (resumable, sharded)"
+
 MISMATCH = ("error", "rebuild")
 DEVICES = ("auto", "cpu", "cuda")
 BUCKET_BATCHES = 16  # length bucketing sorts windows of this many batches (bounded memory, rows kept in tar order)

@@ -48,6 +48,9 @@ from campe.config import load_params
 from campe.io import atomic_file, atomic_write_bytes, atomic_write_json, output_lock
 from campe.shards import shard_paths, sort_shard
 
+# `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
+HELP = "download a URL list with img2dataset into webdataset shards"
+
 INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 

@@ -43,6 +43,9 @@ from campe.imageprep import DEFAULT_MAX_SKIP_FRACTION, SkipCounter, validate_max
 from campe.io import atomic_write_json, store_uri
 from campe.retrieval import eval_record, retrieval_metrics, zero_shot_classify
 
+# `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
+HELP = "image/video retrieval, zero-shot classification and pictures for a checkpoint"
+
 
 @dataclass
 class EvaluateParams:

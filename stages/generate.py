@@ -16,6 +16,9 @@ from campe.config import load_params
 from campe.io import output_lock
 from campe.synth import SynthParams, generate
 
+# `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
+HELP = "generate the embedded default benchmark (images, videos, annotations)"
+
 DEFAULT_OUT = "data/generated"
 
 

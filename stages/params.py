@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from campe.ablate import AblateParams
+from stages.ablate import AblateParams
 from campe.config import ConfigError, from_dict, json_schema, read_yaml
 from campe.io import atomic_write_bytes
 from campe.losses import LossConfig
@@ -28,6 +28,9 @@ from pipelines.flow_params import FlowParams
 from stages.cache import CacheParams
 from stages.download import DownloadParams
 from stages.evaluate import EvaluateParams
+
+# `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
+HELP = "check params.yaml (every section, across sections) or write its JSON Schema"
 
 # section -> its dataclass, in the order of the shipped params.yaml
 SECTIONS: dict[str, type] = {

@@ -19,6 +19,9 @@ from typing import Any
 from campe.train_loop import METHODS, TRAIN_SECTIONS, RunConfig, resolve_run_config, train
 from stages.params import check_params
 
+# `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
+HELP = "train CAMPE or a baseline from the cache or online (DDP under torchrun, MLflow)"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (sections text_encoder, model, loss, train)")

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from campe import ablate
-from campe.ablate import AblateParams, Cell, grid, layout_key
+from stages import ablate
+from stages.ablate import AblateParams, Cell, grid, layout_key
 from campe.config import ConfigError
 from campe.train_loop import resolve_run_config
 

@@ -14,7 +14,7 @@ from campe.config import ConfigError, from_dict, load_params, read_yaml
 from campe.synth import SynthParams
 from campe.multiprompt import MultiPromptConfig
 from pipelines.campe_flow import FlowParams
-from campe.ablate import AblateParams
+from stages.ablate import AblateParams
 from campe.losses import LossConfig
 from campe.model import ModelConfig
 from campe.train_loop import DERIVED, TrainParams
@@ -131,9 +131,12 @@ def test_dvc_yaml_names_only_existing_params_and_deps():
 
 
 def test_cli_commands_resolve_and_unknown_command_fails(capsys):
-    for module, _ in cli.COMMANDS.values():  # a missing module fails here (import_module raises)
+    table = cli.commands()  # a registered module that is missing fails here (find_spec finds no file)
+    assert {"generate", "download", "cache", "train", "evaluate", "ablate", "flow", "prompts", "params"} <= set(table)
+    for module, help_line in table.values():
         mod = importlib.import_module(module)
         assert callable(mod.add_arguments) and callable(mod.run)
+        assert help_line and mod.HELP == help_line  # what `campe --help` reads with ast is what the module says
     assert cli.main(["--help"]) == 0 and "download" in capsys.readouterr().out
     assert cli.main(["nonsense"]) == 2
     assert cli.main(["download", "--params", "/nonexistent/params.yaml"]) == 1

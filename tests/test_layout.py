@@ -58,9 +58,10 @@ def closure(path: str) -> set[str]:
 
 
 def test_import_reader_sees_function_level_and_from_imports():
-    # the instrument: stages/train.py imports campe.train_loop at the top; campe/ablate.py imports stages lazily
+    # the instrument: stages/train.py imports campe.train_loop at the top; stages/ablate.py imports stages lazily
     assert "campe/train_loop.py" in imports_of("stages/train.py")
     assert "stages/params.py" in imports_of("stages/cache.py")  # inside run()
+    assert "stages/params.py" in imports_of("stages/ablate.py")  # inside a function
 
 
 def test_every_stage_lists_the_library_modules_it_runs():
@@ -70,9 +71,52 @@ def test_every_stage_lists_the_library_modules_it_runs():
     missing = {}
     for name, stage in stages.items():
         command = re.match(r"campe (\S+)", stage["cmd"]).group(1)
-        script = module_file(cli.COMMANDS[command][0])
+        script = module_file(cli.commands()[command][0])
         needed = closure(script)
         listed = set(stage["deps"])
         if needed - listed:
             missing[name] = sorted(needed - listed)
     assert not missing, f"dvc.yaml stages miss deps they import: {missing}"
+
+
+APP = ("stages", "pipelines")
+
+
+def app_references(path: str, root: Path = ROOT) -> list[str]:
+    """What the module at `path` names of the app side: imports at any depth (absolute or relative) and string
+    literals that name an app module (`"stages.train"`, as handed to importlib)."""
+    tree = ast.parse((root / path).read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] in APP]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module and node.module.split(".")[0] in APP:
+                found.append(node.module)
+            elif node.level > 0:  # relative: resolve against the module's own package
+                pkg = Path(path).parent.parts[:len(Path(path).parent.parts) - (node.level - 1)]
+                target = ".".join([*pkg, *(node.module.split(".") if node.module else [])])
+                if target.split(".")[0] in APP:
+                    found.append(target)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += re.findall(r"\b(?:stages|pipelines)\.[A-Za-z_]\w*", node.value)
+    return found
+
+
+def test_the_library_never_imports_the_app():
+    """Imports flow one way: nothing under campe/ imports stages/ or pipelines/, statically, inside a function, or
+    by a module name in a string (importlib); the CLI's command table lives in pyproject.toml's entry points."""
+    offenders = {f.relative_to(ROOT).as_posix(): refs for f in sorted((ROOT / "campe").rglob("*.py"))
+                 if (refs := app_references(f.relative_to(ROOT).as_posix()))}
+    assert not offenders, f"library modules that reach up into the app: {offenders}"
+
+
+def test_app_reference_reader_sees_every_kind_of_reference(tmp_path):
+    src = ("import stages.train\nfrom pipelines import campe_flow\n"
+           "def f():\n    from stages.cache import run_stage\n    importlib.import_module('stages.evaluate')\n"
+           "from ..pipelines import flow_params\n"
+           "x = 'a stages folder'  # prose, not a module name\n")
+    (tmp_path / "campe").mkdir()
+    (tmp_path / "campe" / "m.py").write_text(src)
+    refs = app_references("campe/m.py", root=tmp_path)
+    assert sorted(refs) == ["pipelines", "pipelines", "stages.cache", "stages.evaluate", "stages.train"]
