@@ -25,8 +25,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from campe.config import load_params  # noqa: E402
-from campe.synth import SynthParams, generate  # noqa: E402
+from campe.core.config import load_params  # noqa: E402
+from campe.data.synth import SynthParams, generate  # noqa: E402
 from stages.download import DownloadParams, download_stage  # noqa: E402
 
 

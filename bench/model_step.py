@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from campe.losses import CampeObjective, total_loss  # noqa: E402
+from campe.core.losses import CampeObjective, total_loss  # noqa: E402
 from campe.model import build_model  # noqa: E402
 
 WORDS = "a red blue green small large circle square triangle on the near beside with two three striped".split()

@@ -7,7 +7,7 @@
 For each model, K and caption length (captions of length L +- 2 tokens, so a batch is padded), it times the LM
 forward up to the K pooled hidden states (tokenization excluded for every method; the masked pass includes
 building its 4-D mask):
-  masked    one pass over caption + K prompts with the prompt-wise mask (campe.multiprompt)
+  masked    one pass over caption + K prompts with the prompt-wise mask (campe.text.multiprompt)
   separate  K passes, pass i over caption + prompt_i (re-encodes the caption K times)
   copies    one pass over B*K rows, row (b, i) = caption_b + prompt_i
 tok/s counts the caption + prompt tokens encoded (L + K*P per caption, the same for all three methods), so it is
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, LlamaConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from campe.multiprompt import build_text_encoder, resolve_model_path  # noqa: E402
+from campe.text.multiprompt import build_text_encoder, resolve_model_path  # noqa: E402
 
 WORDS = ("a red blue green small large circle square triangle dog cat person walking sitting on the of near "
          "beside image photo with two three wooden table street bright dark old young man woman child running "

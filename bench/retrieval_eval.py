@@ -44,7 +44,7 @@ def maxrss_mib() -> float:
 def child(n: int, caps: int, dim: int, threads: int, chunk: int | None, seed: int) -> dict:
     import torch
 
-    from campe.retrieval import _AUTO_CHUNK_ELEMS, retrieval_metrics, retrieval_ranks
+    from campe.core.retrieval import _AUTO_CHUNK_ELEMS, retrieval_metrics, retrieval_ranks
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)

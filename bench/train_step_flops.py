@@ -10,12 +10,12 @@ torch.utils.flop_counter.FlopCounterMode, so deterministic and not timed):
   (b) multi-prompt without cache: the same image tower + the default multi-prompt MiniLM-L6 encoder
       (MultiPromptConfig(): K=6, last layer trainable): all 6 LM layers run forward every step, backward goes
       through the last layer (the APT enters there).
-  (c) multi-prompt from the cache with the query-only last layer (campe.cache.CachedTextTower): inject, last layer
+  (c) multi-prompt from the cache with the query-only last layer (campe.text.cached_tower.CachedTextTower): inject, last layer
       (keys/values at every position; queries, attention and MLP at the K pooled positions), heads.
   (c') the same from the cache with the full last layer (what query-only saves).
 The optimiser update (elementwise) is not counted, as in the paper's figures. Attention runs on the math SDPA
 backend while counting: the fused CPU kernels are not in the counter's table and would count as 0.
-Captions and images come from the embedded benchmark's generator (campe.synth).
+Captions and images come from the embedded benchmark's generator (campe.data.synth).
 
 Cache: the cache stage (stages/cache.py) on --captions generated captions in webdataset shards written here in the
 download stage's layout; bytes per caption of the Parquet shards, write throughput (captions/s, the stage's own
@@ -46,11 +46,13 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from campe.cache import CachedTextTower, collate_samples, open_training_data, read_cache_shard  # noqa: E402
-from campe.losses import CampeObjective, total_loss  # noqa: E402
+from campe.text.cache_shards import read_cache_shard  # noqa: E402
+from campe.text.cached_tower import CachedTextTower  # noqa: E402
+from campe.train.data import collate_samples, open_training_data  # noqa: E402
+from campe.core.losses import CampeObjective, total_loss  # noqa: E402
 from campe.model import build_model  # noqa: E402
-from campe.multiprompt import MultiPromptConfig, build_text_encoder  # noqa: E402
-from campe.synth import make_captions, render_scene, sample_scene  # noqa: E402
+from campe.text.multiprompt import MultiPromptConfig, build_text_encoder  # noqa: E402
+from campe.data.synth import make_captions, render_scene, sample_scene  # noqa: E402
 from stages.cache import CacheParams, cache_stage  # noqa: E402
 
 

@@ -26,8 +26,8 @@ import importlib.metadata
 import importlib.util
 import sys
 
-from campe.config import ConfigError
-from campe.io import OutputInUse
+from campe.core.config import ConfigError
+from campe.core.io import OutputInUse
 
 GROUP = "campe.commands"
 

@@ -10,7 +10,7 @@
 `text_batch` turns a list of captions into whatever the model's text tower takes (token ids for the vanilla tower,
 a prompt layout for the multi-prompt tower); the embedder does not need to know which.
 
-Images and video frames go through campe.imageprep.preprocess_image (the preprocessing training had: colour
+Images and video frames go through campe.data.imageprep.preprocess_image (the preprocessing training had: colour
 conversion, aspect kept, white border as img2dataset's resize_mode "border"). An image or video that does not
 decode raises (ImageDecodeError / VideoDecodeError, naming the file), or, given `on_undecodable(index, path,
 reason)`, is left out of the result and reported to it.
@@ -22,14 +22,14 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from campe.evaldata import VideoDecodeError, sample_frames
-from campe.imageprep import ImageDecodeError, decode_image, preprocess_image
+from campe.data.evaldata import VideoDecodeError, sample_frames
+from campe.data.imageprep import ImageDecodeError, decode_image, preprocess_image
 
 OnUndecodable = Callable[[int, str, str], None]  # (index in the paths given, path, reason)
 
 
 def load_images(paths: Sequence[str], size: int, on_undecodable: OnUndecodable | None = None) -> torch.Tensor:
-    """uint8 [B, 3, size, size] (campe.imageprep.preprocess_image). An undecodable image raises ImageDecodeError
+    """uint8 [B, 3, size, size] (campe.data.imageprep.preprocess_image). An undecodable image raises ImageDecodeError
     naming it, or, with `on_undecodable`, is left out (B = the decodable ones) and reported to it."""
     out = []
     for i, p in enumerate(paths):
@@ -45,7 +45,7 @@ def load_images(paths: Sequence[str], size: int, on_undecodable: OnUndecodable |
 
 
 def load_video(path: str, frames: int, size: int) -> torch.Tensor:
-    """uint8 [frames, 3, size, size]: evenly sampled frames (campe.evaldata.sample_frames), each through
+    """uint8 [frames, 3, size, size]: evenly sampled frames (campe.data.evaldata.sample_frames), each through
     preprocess_image."""
     return torch.stack([preprocess_image(f, size) for f in sample_frames(path, frames)])
 

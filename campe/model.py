@@ -3,13 +3,13 @@
     from campe.model import build_model, build_model_from_config, save_config
     model, cfg = build_model("default")                       # vanilla CLIP text tower (the paper's "Vanilla CLIP")
     model, cfg = build_model("default", text_tower=encoder)   # any tower that follows the contract below, e.g.
-                                                              # campe.multiprompt.build_text_encoder(...)
+                                                              # campe.text.multiprompt.build_text_encoder(...)
     model, cfg = build_model("tiny", layers=1)                # named config + explicit overrides (unknown key: error)
     img = model.encode_image(images)      # [B,3,H,W] float in [0,1] (or uint8) -> [B,D] L2-normalised
     vid = model.encode_video(frames)      # [B,T,3,H,W]                          -> [B,D] L2-normalised
     pat = model.encode_patches(images)    # [B,3,H,W] -> [B,P,D] per-patch embeddings (each patch through the head)
     txt = model.encode_text(batch)        # {"text": [B,D], optionally "segments": [B,K,D/K], "negated": [B,D]}
-    out = model(images=images, text=batch)  # what campe.losses.CampeObjective takes
+    out = model(images=images, text=batch)  # what campe.core.losses.CampeObjective takes
     save_config(cfg, ckpt_dir / "model_config.json")          # resolved config next to the checkpoint
     model, cfg = build_model_from_config(load_config(ckpt_dir / "model_config.json"))   # same architecture and init
 
@@ -24,7 +24,7 @@ Text-tower contract (the vanilla tower here and the multi-prompt LM tower both f
                              the normalised "text" are both fine.
         "negated"  [B,D]     L2-normalised embedding from the negated prompts (optional; negation-aware loss)
     `batch` is opaque to the wrapper (token ids, a prompt layout, cached hidden states, ...). Other keys are passed
-    through. campe.multiprompt's names "embedding" / "neg_embedding" / "neg_segments" are accepted as aliases of
+    through. campe.text.multiprompt's names "embedding" / "neg_embedding" / "neg_segments" are accepted as aliases of
     "text" / "negated" / "negated_segments". A tower may expose `embed_dim` or `cfg.embed_dim` (checked at build).
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from campe.config import from_dict
-from campe.io import atomic_write_json
+from campe.core.config import from_dict
+from campe.core.io import atomic_write_json
 
 VIDEO_POOLS = ("mean", "attn")
 CONTRASTIVE = ("softmax", "sigmoid")
@@ -517,7 +517,7 @@ def build_model(name: str = "default", text_tower: nn.Module | None = None, toke
             extra["text_tower_config"] = dataclasses.asdict(tower_cfg)
     elif cfg.text_encoder != "vanilla":
         raise ValueError(f"text_encoder '{cfg.text_encoder}' is built elsewhere: pass the tower, e.g. "
-                         f"build_model({name!r}, text_tower=campe.multiprompt.build_text_encoder(...))")
+                         f"build_model({name!r}, text_tower=campe.text.multiprompt.build_text_encoder(...))")
     else:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.text_tokenizer)
         vocab = cfg.vocab_size or len(tokenizer)

@@ -19,7 +19,7 @@ MLflow (train.tracking_uri, experiment train.experiment): one parent run per flo
 (tag `mlflow.parentRunId`), all through MlflowClient and explicit run ids, never the fluent active run (it is
 thread-local, and the tasks run on other threads). Runs are named `<stage>/<method or config>/<UTC date>` and
 tagged with the git commit, the sha256 of the params sections the stage reads, and the Prefect flow-run id. The
-train child is the training loop's own run (campe.train_loop.Tracker; its id is in <out_dir>/mlflow_run_id.txt):
+train child is the training loop's own run (campe.core.tracking.Tracker; its id is in <out_dir>/mlflow_run_id.txt):
 the flow names and tags it after the stage, so evaluation metrics, which `campe evaluate` logs into the training
 run, appear under the train child; the evaluate child holds them as well, with a tag pointing at the train run.
 """
@@ -38,11 +38,13 @@ from typing import Any
 
 from prefect import flow, task
 
-from campe.config import load_params, read_yaml
-from campe.io import git_commit, store_uri, utc_stamp
-from campe.multiprompt import MultiPromptConfig
-from campe.synth import SynthParams
-from campe.train_loop import RUN_ID_FILE, TrainParams
+from campe.core.config import load_params, read_yaml
+from campe.core.tracking import log_batch
+from campe.core.io import git_commit, store_uri, utc_stamp
+from campe.text.multiprompt import MultiPromptConfig
+from campe.data.synth import SynthParams
+from campe.train.checkpoint import RUN_ID_FILE
+from campe.train.run_config import TrainParams
 from pipelines.flow_params import FlowParams
 from stages.cache import CacheParams, run_stage as cache_stage
 from stages.download import DownloadInputError, DownloadParams, download_stage
@@ -91,7 +93,7 @@ class RunContext:
 
 
 def _experiment_id(client, tp: TrainParams, base_dir: str) -> str:
-    """The training loop's experiment (same name and artifact location as campe.train_loop.Tracker makes)."""
+    """The training loop's experiment (same name and artifact location as campe.core.tracking.Tracker makes)."""
     exp = client.get_experiment_by_name(tp.experiment)
     if exp is not None:
         return exp.experiment_id
@@ -143,8 +145,7 @@ def _log(client, run_id: str, metrics: dict[str, float] | None = None, params: d
     now = int(time.time() * 1000)
     m = [Metric(k, v, now, 0) for k, v in (metrics or {}).items()]
     p = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
-    for i in range(0, max(len(m), len(p)), 100):
-        client.log_batch(run_id, metrics=m[i:i + 100], params=p[i:i + 100])
+    log_batch(client, run_id, metrics=m, params=p)
 
 
 def _section_params(ctx: RunContext, stage: str) -> dict[str, Any]:

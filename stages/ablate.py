@@ -12,8 +12,8 @@ The grid: every method in `ablate.methods` with the contrastive kind `ablate.kin
     1. the frozen-LM cache it needs (stages.cache.cache_stage), built once per distinct text-encoder layout under
        <root>/caches/<pooling>[-neg]-<hash>: multi_prompt and multi_prompt_div share one (same layout); the
        negation variant needs its own, because the train loop refuses a cache whose manifest `negation` differs
-       (campe.cache.MANIFEST_COMPARED); mean / last_token / single_prompt / defo one each; vanilla none.
-    2. training (campe.train_loop.train) into <root>/<name>/<method>-<kind>/seed<seed>, with train.seed,
+       (campe.text.cache_manifest.MANIFEST_COMPARED); mean / last_token / single_prompt / defo one each; vanilla none.
+    2. training (campe.train.loop.train) into <root>/<name>/<method>-<kind>/seed<seed>, with train.seed,
        model.init_seed and text_encoder.init_seed all = the seed (a seed changes the init, the data order and
        dropout), the grid's steps/epochs, and nothing else changed: every method gets the same data, steps, lr,
        batch and seeds (no per-method tuning). The MLflow run (made by the train loop, in `ablate.experiment`) is
@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from campe.config import ConfigError, from_dict
-from campe.io import atomic_write_bytes, atomic_write_json, output_lock, store_uri
+from campe.core.config import ConfigError, from_dict
+from campe.core.io import atomic_write_bytes, atomic_write_json, output_lock, store_uri
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "the ablation table: methods x softmax/sigmoid x seeds, mean ± std (resumable)"
@@ -147,11 +147,11 @@ def cell_dir(ap: AblateParams, cell: Cell) -> Path:
 
 def cell_sections(ap: AblateParams, base: dict[str, dict], cell: Cell) -> dict[str, dict]:
     """The four training sections of a cell: the base params with only method, kind, seed and schedule changed."""
-    from campe.train_loop import METHODS
+    from campe.train.run_config import METHODS
     s = {k: dict(base.get(k) or {}) for k in ("text_encoder", "model", "loss", "train")}
     te = METHODS[cell.method]["text_encoder"]
     if te is not None:
-        s["text_encoder"].update(te)  # the cache is built from this section as written (train_loop checks it)
+        s["text_encoder"].update(te)  # the cache is built from this section as written (the run config checks it)
     s["text_encoder"]["init_seed"] = cell.seed
     s["model"]["init_seed"] = cell.seed
     s["loss"]["kind"] = cell.kind
@@ -200,7 +200,9 @@ def _eval_device(train_device: str) -> str:
 def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, caches_done: set[str],
              log: Callable[[str], None]) -> dict[str, Any]:
     """Cache (if needed), train, evaluate one cell; returns its record (also written to <cell>/cell.json)."""
-    from campe.train_loop import FINAL, RUN_ID_FILE, resolve_run_config, train
+    from campe.train.checkpoint import FINAL, RUN_ID_FILE
+    from campe.train.loop import train
+    from campe.train.run_config import resolve_run_config
     from stages.evaluate import params_hash, run_stage
 
     out = cell_dir(ap, cell)
@@ -363,7 +365,7 @@ def write_tables(ap: AblateParams) -> list[dict[str, Any]]:
     atomic_write_bytes(ap.table_md, table_markdown(rows, ap, len(records), len(grid(ap))).encode())
     panels = plot_panels(records, variants_of(ap))
     if ap.plot and panels:
-        from campe.plots import seed_spread_bars
+        from campe.core.plots import seed_spread_bars
         seed_spread_bars(panels, ap.plot, title=f"ablation {ap.name}: mean ± std over seeds, dots = seeds "
                                                 f"({len(records)}/{len(grid(ap))} cells)")
     return rows

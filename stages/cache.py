@@ -10,7 +10,7 @@ For each finished image shard `<shards>/pass-NN/NNNNN.tar` it writes `<out>/pass
 hidden states entering the first trainable layer (all but the last `text_encoder.trainable_layers` layers, APT
 placeholders not yet replaced, negated prompts included when `text_encoder.negation` is on) in float16/bfloat16,
 plus the token layout. `<out>/manifest.json` records what the cache depends on; training refuses a cache whose
-manifest does not match its `text_encoder` params (see campe/cache.py).
+manifest does not match its `text_encoder` params (see campe/text/cache_manifest.py).
 
 Resumable and atomic: a shard is written to a hidden temp name, fsynced and renamed, so a killed run leaves no
 shard that a later run or training would read; a re-run skips finished shards, redoes ones whose footer is
@@ -38,16 +38,18 @@ from typing import Any
 
 import torch
 
-from campe.cache import (
-    CACHE_DTYPES, MANIFEST, MANIFEST_COMPARED, CacheCorruptError, CacheError, CacheMismatchError, LayoutMaker,
-    ShardWriter, _image_bytes, _pa, _shard_samples, cache_manifest, cache_shard_path, is_disk_full, iter_tar_samples,
-    manifest_differences, remove_stale_temps, sample_caption, shard_meta, tar_source_digest, verify_cache_shard)
-from campe.config import load_params
-from campe.imageprep import (DEFAULT_MAX_SKIP_FRACTION, SHOWN_SKIPS, ImageDecodeError, SkipCounter, decode_image,
-                             validate_max_skip_fraction)
-from campe.io import atomic_write_json, output_lock
-from campe.multiprompt import MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
-from campe.shards import shard_paths
+from campe.core.config import load_params
+from campe.core.io import atomic_write_json, output_lock
+from campe.data.imageprep import (DEFAULT_MAX_SKIP_FRACTION, SHOWN_SKIPS, ImageDecodeError, SkipCounter, decode_image,
+                                  validate_max_skip_fraction)
+from campe.data.shards import image_bytes, sample_caption, shard_paths, shard_sample_count
+from campe.text.cache_manifest import (CACHE_DTYPES, CacheCorruptError, CacheError, CacheMismatchError, MANIFEST,
+                                       MANIFEST_COMPARED, cache_manifest, manifest_differences)
+from campe.text.cache_shards import (ShardWriter, _pa, cache_shard_path, is_disk_full, iter_tar_samples,
+                                     remove_stale_temps, shard_meta, tar_source_digest, verify_cache_shard)
+from campe.text.cached_tower import LayoutMaker
+from campe.text.multiprompt import MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
+
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "precompute the frozen text-LM hidden states of every caption (resumable, sharded)"
@@ -116,7 +118,7 @@ def _budgets(shards: list[str], limit: int) -> list[int | None]:
         return [None] * len(shards)
     out, left = [], limit
     for s in shards:
-        n = min(_shard_samples(s), left)
+        n = min(shard_sample_count(s), left)
         out.append(n)
         left -= n
     return out
@@ -173,7 +175,7 @@ def _cache_shard(encoder: MultiPromptTextEncoder, maker: LayoutMaker, tar: str, 
     with ShardWriter(path, p.dtype, encoder.lm.config.hidden_size, meta) as w:
         window: list[tuple[str, str]] = []
         for key, parts in iter_tar_samples(tar):
-            caption, img = sample_caption(parts), _image_bytes(parts)
+            caption, img = sample_caption(parts), image_bytes(parts)
             if caption is None or img is None:
                 skipped += 1  # training skips these samples as well
                 continue
@@ -305,7 +307,7 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwr
         remove_stale_temps(path)  # left by a killed run (only this rank touches its shards)
         states[i] = _shard_state(path, shards[i], budgets[i], repair)
     todo = [i for i in mine if states[i][0] == "todo"]
-    expected = lambda i: budgets[i] if budgets[i] is not None else _shard_samples(shards[i])  # noqa: E731
+    expected = lambda i: budgets[i] if budgets[i] is not None else shard_sample_count(shards[i])  # noqa: E731
     total = sum(expected(i) for i in mine)
     done_captions = sum(expected(i) for i in mine if i not in todo)
     maker = LayoutMaker(encoder)

@@ -10,7 +10,7 @@ Layout of the output folder (one sub-folder per pass; every pass is plain img2da
     <out>/pass-01/...                 a --retry-failed pass: only the rows that had failed so far
     <out>/fingerprint.json            what the shards were made from (list hash + parameters)
 `uid` is the row's index in the original URL list; a sample counts as downloaded if any pass fetched it. Each
-finished tar is rewritten with its samples in key order and fixed member mtimes (campe.shards.sort_shard), so a
+finished tar is rewritten with its samples in key order and fixed member mtimes (campe.data.shards.sort_shard), so a
 re-download is the same training data in the same order, in the same bytes.
 
 Relative URLs: a url without a scheme (`../images/a.jpg`, as `campe generate` writes) is a reference relative to
@@ -44,9 +44,9 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
-from campe.config import load_params
-from campe.io import atomic_file, atomic_write_bytes, atomic_write_json, output_lock
-from campe.shards import shard_paths, sort_shard
+from campe.core.config import load_params
+from campe.core.io import atomic_file, atomic_write_bytes, atomic_write_json, output_lock
+from campe.data.shards import shard_paths, sort_shard
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "download a URL list with img2dataset into webdataset shards"
@@ -211,8 +211,8 @@ def _run_img2dataset(list_path: Path, pass_dir: Path, p: DownloadParams) -> None
         kwargs_file = Path(tmp) / "kwargs.json"
         kwargs_file.write_text(json.dumps(kwargs))
         env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
-        # A process of its own: img2dataset's SIGINT handler needs the main thread (see campe/img2dataset_runner.py).
-        rc = subprocess.run([sys.executable, "-m", "campe.img2dataset_runner", str(kwargs_file)], env=env).returncode
+        # A process of its own: img2dataset's SIGINT handler needs the main thread (see campe/data/img2dataset_runner.py).
+        rc = subprocess.run([sys.executable, "-m", "campe.data.img2dataset_runner", str(kwargs_file)], env=env).returncode
     if rc != 0:
         raise DownloadError(f"img2dataset exited with status {rc} on {list_path} (its output is above); "
                             "re-run the stage to resume: finished shards are kept")
@@ -291,7 +291,7 @@ def _normalise_records(tar: Path, restorer: UrlRestorer) -> bool:
 
 def _normalise_shards(out: Path, restorer: UrlRestorer) -> int:
     """Every finished shard of every pass: samples (and .parquet rows) in key order, fixed tar member mtimes
-    (campe.shards.sort_shard), relative URLs restored in the .parquet, the _stats.json and each .json. Returns the
+    (campe.data.shards.sort_shard), relative URLs restored in the .parquet, the _stats.json and each .json. Returns the
     number of shards rewritten; a second call rewrites none."""
     changed = 0
     for tar in shard_paths(out):
@@ -357,7 +357,7 @@ def roll_up_stats(out: Path, total_rows: int, seconds: float, attempted: int,
 # ---------------------------------------------------------------------------------------------------------- stage
 def download_stage(p: DownloadParams, retry_failed: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) the download; with `retry_failed`, add a pass over the rows that failed so far. Holds the
-    output folder's lock (campe.io.output_lock) throughout."""
+    output folder's lock (campe.core.io.output_lock) throughout."""
     with output_lock(p.output_dir, "campe download"):
         return _download(p, retry_failed, overwrite)
 

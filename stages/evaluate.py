@@ -16,7 +16,7 @@ retrieval-examples grid and, for multi-prompt models, one patch-similarity map p
 classification on the generated set's shape and colour classes goes to `<metrics_dir>/zero_shot.json`. Everything
 is also logged to the training run in MLflow when the checkpoint has an `mlflow_run_id.txt`.
 
-Images and video frames are preprocessed as in training (campe.imageprep: aspect ratio kept, white border). An
+Images and video frames are preprocessed as in training (campe.data.imageprep: aspect ratio kept, white border). An
 image or video that does not decode is left out with its captions, warned about (set and file), counted in the
 record (`undecodable`: count and the first files), and the set fails once they pass evaluate.max_skip_fraction.
 """
@@ -34,14 +34,15 @@ from typing import Any
 
 import torch
 
-from campe import plots
-from campe.config import load_params
+from campe.core import plots
+from campe.core.config import load_params
 from campe.embed import Embedder
-from campe.evaldata import (ZERO_SHOT_TEMPLATES, class_folder, class_prompts, load_karpathy, load_msrvtt,
-                            make_zero_shot_folders)
-from campe.imageprep import DEFAULT_MAX_SKIP_FRACTION, SkipCounter, validate_max_skip_fraction
-from campe.io import atomic_write_json, store_uri
-from campe.retrieval import eval_record, retrieval_metrics, zero_shot_classify
+from campe.data.evaldata import (ZERO_SHOT_TEMPLATES, class_folder, class_prompts, load_karpathy, load_msrvtt,
+                                 make_zero_shot_folders)
+from campe.data.imageprep import DEFAULT_MAX_SKIP_FRACTION, SkipCounter, validate_max_skip_fraction
+from campe.core.io import atomic_write_json, store_uri
+from campe.core.retrieval import eval_record, retrieval_metrics, zero_shot_classify
+from campe.core.tracking import log_batch
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "image/video retrieval, zero-shot classification and pictures for a checkpoint"
@@ -63,7 +64,7 @@ class EvaluateParams:
     zero_shot_ks: list[int] = field(default_factory=lambda: [1, 5])
     chunk: int = 0  # image rows per score chunk; 0 = auto
     ties: str = "pessimistic"  # or "optimistic"
-    tie_tol: float = 1e-5  # scores this close (cosine units) tie: see campe.retrieval
+    tie_tol: float = 1e-5  # scores this close (cosine units) tie: see campe.core.retrieval
     aspect_weights: list[float] = field(default_factory=list)  # K weights; empty = plain cosine only
     # data
     karpathy_split: str = "test"
@@ -76,8 +77,8 @@ class EvaluateParams:
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # undecodable images/videos: stop past this fraction
 
     def validate(self) -> None:
-        from campe.evaldata import EvalDataParams
-        from campe.retrieval import RetrievalParams
+        from campe.data.evaldata import EvalDataParams
+        from campe.core.retrieval import RetrievalParams
 
         # The two library dataclasses own the checks of their fields.
         RetrievalParams(ks=self.ks, zero_shot_ks=self.zero_shot_ks, chunk=self.chunk, ties=self.ties,
@@ -288,8 +289,7 @@ def log_to_training_run(p: EvaluateParams, run: tuple[str, str] | None, results:
     # MLflow refuses '@' in metric names: i2t_R@1 is logged as eval/<set>/i2t_R_at_1.
     metrics = [Metric(mlflow_metric_name(name, k), float(v), now, 0)
                for name, r in results.items() for k, v in r["record"]["metrics"].items()]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    log_batch(client, run_id, metrics=metrics)
     for name, r in results.items():
         client.log_artifact(run_id, str(Path(p.metrics_dir) / f"{name}.json"), artifact_path="eval")
         for f in r["files"]:
@@ -326,7 +326,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run_stage(p: EvaluateParams, device: str = "cpu", base_dir: str | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate p.checkpoint on every configured set and log into its training run. base_dir: the params file's
     folder, against which a relative MLflow store of the checkpoint is resolved (None: the working dir)."""
-    from campe.train_loop import load_trained_model
+    from campe.train.checkpoint import load_trained_model
 
     run = training_run(p.checkpoint, base_dir)  # before any work: a run that is not there is an error now
     model, cfg = load_trained_model(p.checkpoint, device=device)

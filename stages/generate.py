@@ -4,7 +4,7 @@
     campe generate --out /tmp/gen --params my.yaml
 
 Writes images + Karpathy JSON, URL lists (URLs relative to the list: ../images/<key>.jpg), MSR-VTT-style videos and
-annotations, and manifest.json. See campe/synth.py for the design of the benchmark.
+annotations, and manifest.json. See campe/data/synth.py for the design of the benchmark.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import argparse
 import json
 import time
 
-from campe.config import load_params
-from campe.io import output_lock
-from campe.synth import SynthParams, generate
+from campe.core.config import load_params
+from campe.core.io import output_lock
+from campe.data.synth import SynthParams, generate
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "generate the embedded default benchmark (images, videos, annotations)"

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from stages.ablate import AblateParams
-from campe.config import ConfigError, from_dict, json_schema, read_yaml
-from campe.io import atomic_write_bytes
-from campe.losses import LossConfig
+from campe.core.config import ConfigError, from_dict, json_schema, read_yaml
+from campe.core.io import atomic_write_bytes
+from campe.core.losses import LossConfig
 from campe.model import ModelConfig
-from campe.multiprompt import MultiPromptConfig
-from campe.synth import SynthParams
-from campe.train_loop import TRAIN_SECTIONS, TrainParams, resolve_run_config
+from campe.text.multiprompt import MultiPromptConfig
+from campe.data.synth import SynthParams
+from campe.train.run_config import TRAIN_SECTIONS, TrainParams, resolve_run_config
 from pipelines.flow_params import FlowParams
 from stages.cache import CacheParams
 from stages.download import DownloadParams

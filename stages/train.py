@@ -1,7 +1,7 @@
 """Stage `train`: train CAMPE (or a baseline) on the downloaded shards, from the cache or online; log to MLflow.
 
     campe train                                         # params.yaml: text_encoder, model, loss, train
-    campe train --method vanilla --out models/vanilla   # a baseline (see campe.train_loop.METHODS)
+    campe train --method vanilla --out models/vanilla   # a baseline (see campe.train.run_config.METHODS)
     campe train --resume                                # continue a stopped or killed run from its checkpoint
     campe train --cache none                            # no cache: the frozen LM layers run every step
     torchrun --nproc_per_node 2 -m campe.cli train      # DDP (gloo on CPU, NCCL on GPU)
@@ -16,7 +16,8 @@ import json
 import os
 from typing import Any
 
-from campe.train_loop import METHODS, TRAIN_SECTIONS, RunConfig, resolve_run_config, train
+from campe.train.loop import train
+from campe.train.run_config import METHODS, RunConfig, TRAIN_SECTIONS, resolve_run_config
 from stages.params import check_params
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)

@@ -38,7 +38,7 @@ for key, value in {
 
 import pytest  # noqa: E402
 
-from campe.synth import SynthParams, generate  # noqa: E402
+from campe.data.synth import SynthParams, generate  # noqa: E402
 
 
 def _checkout_state() -> list[str] | None:
@@ -85,7 +85,7 @@ def tok():
     """The packaged MiniLM tokenizer (offline)."""
     from transformers import AutoTokenizer
 
-    from campe.multiprompt import resolve_model_path
+    from campe.text.multiprompt import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
 
@@ -95,7 +95,7 @@ def minilm_lm():
     """The packaged MiniLM-L6 model in eval mode (one per test module, which may change its attention setting)."""
     from transformers import AutoModel
 
-    from campe.multiprompt import resolve_model_path
+    from campe.text.multiprompt import resolve_model_path
 
     return AutoModel.from_pretrained(resolve_model_path("minilm"), local_files_only=True).eval()
 

@@ -10,7 +10,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from campe.shards import sample_key, shard_paths
+from campe.data.shards import sample_key, shard_paths
 
 GARBAGE = b"this is not an image, just bytes in a .jpg member"
 

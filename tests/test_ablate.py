@@ -19,8 +19,8 @@ from PIL import Image
 
 from stages import ablate
 from stages.ablate import AblateParams, Cell, grid, layout_key
-from campe.config import ConfigError
-from campe.train_loop import resolve_run_config
+from campe.core.config import ConfigError
+from campe.train.run_config import resolve_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,15 +19,18 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModel  # noqa: E402
 
-from campe.cache import (  # noqa: E402
-    CacheCorruptError, CacheError, CacheMismatchError, CacheMissingError, CachedTextTower,
-    cache_shard_path, check_manifest, collate_samples, open_training_data, read_cache_shard)
-from campe.losses import CampeObjective, total_loss  # noqa: E402
+from campe.text.cache_manifest import (CacheCorruptError, CacheError, CacheMismatchError, CacheMissingError,
+                                       check_manifest)
+from campe.text.cache_shards import cache_shard_path, read_cache_shard
+from campe.text.cached_tower import CachedTextTower
+from campe.train.data import collate_samples, open_training_data
+from campe.core.losses import CampeObjective, total_loss  # noqa: E402
 from campe.model import build_model  # noqa: E402
-from campe.multiprompt import build_text_encoder, resolve_model_path  # noqa: E402
+from campe.text.multiprompt import build_text_encoder, resolve_model_path  # noqa: E402
 from stages.cache import CacheParams, cache_stage, run  # noqa: E402
 from stages.download import DownloadParams, download_stage  # noqa: E402
 
@@ -474,7 +477,7 @@ def test_cli_run_reads_both_params_sections(shards, tmp_path, capsys):
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert (manifest["k"], manifest["model_class"], manifest["dtype"]) == (2, "BertModel", "float16")
     params.write_text(params.read_text().replace("batch_size: 4", "batch_sise: 4"))
-    from campe.config import ConfigError
+    from campe.core.config import ConfigError
     with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
         _cache_cli(params)
 
@@ -489,7 +492,7 @@ def test_undecodable_image_and_blank_caption_are_left_out_counted_and_skipped_al
     import re
     import warnings
 
-    from campe.imageprep import TooManySkipsError, UndecodableImageWarning
+    from campe.data.imageprep import TooManySkipsError, UndecodableImageWarning
     from tests.shard_tools import damaged_copy
 
     root, bad = damaged_copy(shards, tmp_path / "shards", garbage=1, blank=1)
@@ -526,8 +529,8 @@ def test_undecodable_image_and_blank_caption_are_left_out_counted_and_skipped_al
 
 
 def test_truncated_captions_are_counted_in_the_manifest_and_printed(shards, tmp_path, tok, capsys):
-    from campe.cache import iter_tar_samples
-    from campe.shards import shard_paths
+    from campe.text.cache_shards import iter_tar_samples
+    from campe.data.shards import shard_paths
 
     params = tmp_path / "params.yaml"
     params.write_text(f"text_encoder:\n  k: 2\n  embed_dim: 64\n  max_length: 12\ncache:\n  shards_dir: {shards}\n"

@@ -10,14 +10,14 @@ import pytest
 import yaml
 
 from campe import cli
-from campe.config import ConfigError, from_dict, load_params, read_yaml
-from campe.synth import SynthParams
-from campe.multiprompt import MultiPromptConfig
+from campe.core.config import ConfigError, from_dict, load_params, read_yaml
+from campe.data.synth import SynthParams
+from campe.text.multiprompt import MultiPromptConfig
 from pipelines.campe_flow import FlowParams
 from stages.ablate import AblateParams
-from campe.losses import LossConfig
+from campe.core.losses import LossConfig
 from campe.model import ModelConfig
-from campe.train_loop import DERIVED, TrainParams
+from campe.train.run_config import DERIVED, TrainParams
 from stages.cache import CacheParams
 from stages.evaluate import EvaluateParams
 from stages.download import DownloadParams

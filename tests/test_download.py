@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from campe.shards import iter_samples, sample_key, shard_paths, sort_shard
+from campe.data.shards import iter_samples, sample_key, shard_paths, sort_shard
 from stages.download import DownloadError, DownloadParams, download_stage, read_url_list, resolve_url
 
 

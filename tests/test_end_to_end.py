@@ -109,7 +109,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo):
     assert run.data.metrics["eval/generated_msrvtt/v2t_R_at_5"] == pytest.approx(vid["v2t_R@5"])
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
 
-    # Each stage held its output folder's lock (campe.io.output_lock): a hidden file beside the folder, outside
+    # Each stage held its output folder's lock (campe.core.io.output_lock): a hidden file beside the folder, outside
     # every DVC output, so the second repro below stays a no-op.
     for out in ("data/generated", "data/shards/train", "data/cache/train", "data/models/campe"):
         lock = (repo / out).parent / f".{Path(out).name}.campe-lock"

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from campe.config import ConfigError, from_dict
-from campe.evaldata import (ZERO_SHOT_TEMPLATES, AnnotationFormatError, EvalDataParams, MissingFilesError,
-                            VideoDecodeError, class_folder, class_prompts, frame_indices, load_karpathy, load_msrvtt,
-                            make_zero_shot_folders, sample_frames)
-from campe.retrieval import retrieval_metrics
-from campe.synth import COLOURS, SHAPES
+from campe.core.config import ConfigError, from_dict
+from campe.data.evaldata import (ZERO_SHOT_TEMPLATES, AnnotationFormatError, EvalDataParams, MissingFilesError,
+                                 VideoDecodeError, class_folder, class_prompts, frame_indices, load_karpathy, load_msrvtt,
+                                 make_zero_shot_folders, sample_frames)
+from campe.core.retrieval import retrieval_metrics
+from campe.data.synth import COLOURS, SHAPES
 
 
 @pytest.fixture()
@@ -220,7 +220,7 @@ def test_params_section():
 
 # ------------------------------------------------------------------------------------------------------- figures
 def test_figures_are_written(tiny_generated, tmp_path):
-    from campe.plots import aspect_maps_grid, recall_bars, retrieval_examples_grid
+    from campe.core.plots import aspect_maps_grid, recall_bars, retrieval_examples_grid
 
     _, root = tiny_generated
     ds = load_karpathy(root / "dataset_karpathy.json")

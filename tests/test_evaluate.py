@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from campe.embed import Embedder, load_images
-from campe.evaldata import MissingFilesError, load_karpathy
+from campe.data.evaldata import MissingFilesError, load_karpathy
 from campe.model import build_model
-from campe.retrieval import retrieval_metrics
+from campe.core.retrieval import retrieval_metrics
 from stages.evaluate import EvaluateParams, evaluate_all, evaluate_image_set
 
 
@@ -62,7 +62,7 @@ def test_batched_stage_metrics_equal_one_by_one_reference(tiny_generated, vanill
 
 
 def test_aspect_weights_all_ones_equal_plain_and_need_segments(tiny_generated, vanilla, tmp_path):
-    from campe.multiprompt import MultiPromptConfig, build_text_encoder
+    from campe.text.multiprompt import MultiPromptConfig, build_text_encoder
 
     _, root = tiny_generated
     enc = build_text_encoder(MultiPromptConfig(k=4, embed_dim=128))
@@ -109,7 +109,9 @@ def test_campe_evaluate_on_a_trained_checkpoint_logs_into_its_mlflow_run(tiny_ge
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from campe.train_loop import MemoryPairs, resolve_run_config, train
+    from campe.train.loop import train
+    from campe.train.run_config import resolve_run_config
+    from campe.train.sources import MemoryPairs
     from stages import evaluate as stage
     from tests.test_train import TINY_MODEL
 
@@ -186,7 +188,7 @@ def test_undecodable_images_and_videos_are_skipped_counted_and_stop_past_the_fra
     the set and the file, counted in the record (`undecodable`), and past evaluate.max_skip_fraction the set fails."""
     import csv
 
-    from campe.imageprep import TooManySkipsError, UndecodableImageWarning
+    from campe.data.imageprep import TooManySkipsError, UndecodableImageWarning
 
     _, root = tiny_generated
     copy = tmp_path / "gen"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from campe.shards import shard_paths
+from campe.data.shards import shard_paths
 from tests.tiny_config import save_tiny_lm, write_tiny_params
 
 STAGES = ("generate", "download", "cache", "train", "evaluate")

@@ -1,4 +1,4 @@
-"""campe.imageprep: every image mode against a conversion written here in numpy, the border resize against its
+"""campe.data.imageprep: every image mode against a conversion written here in numpy, the border resize against its
 geometry and against a real img2dataset download, 16-bit vs 8-bit embeddings, undecodable bytes."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from campe.imageprep import (ImageDecodeError, SkipCounter, TooManySkipsError, UndecodableImageWarning, decode_image,
-                             preprocess_image)
+from campe.data.imageprep import (ImageDecodeError, SkipCounter, TooManySkipsError, UndecodableImageWarning, decode_image,
+                                  preprocess_image)
 
 
 def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -179,7 +179,7 @@ def test_odd_padding_goes_to_the_bottom_and_enlarging_keeps_the_aspect():
 def downloaded(tmp_path_factory):
     """Raw photos (PNG: no loss before the download) of several shapes and modes, through `campe download`
     (img2dataset, file:// URLs, resize_mode border, JPEG quality 95 at 64 px)."""
-    from campe.shards import iter_samples
+    from campe.data.shards import iter_samples
     from stages.download import DownloadParams, download_stage
 
     tmp = tmp_path_factory.mktemp("imageprep_dl")

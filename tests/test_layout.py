@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from campe import cli
-from campe.config import read_yaml
+from campe.core.config import read_yaml
 from tests.test_config import _expand_foreach
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +58,8 @@ def closure(path: str) -> set[str]:
 
 
 def test_import_reader_sees_function_level_and_from_imports():
-    # the instrument: stages/train.py imports campe.train_loop at the top; stages/ablate.py imports stages lazily
-    assert "campe/train_loop.py" in imports_of("stages/train.py")
+    # the instrument: stages/train.py imports campe.train.loop at the top; stages/ablate.py imports stages lazily
+    assert "campe/train/loop.py" in imports_of("stages/train.py")
     assert "stages/params.py" in imports_of("stages/cache.py")  # inside run()
     assert "stages/params.py" in imports_of("stages/ablate.py")  # inside a function
 

@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from campe.config import ConfigError, from_dict
-from campe.losses import (ClipLoss, CampeObjective, LossConfig, SigLipLoss, diversity_loss, negation_loss,
-                          total_loss)
+from campe.core.config import ConfigError, from_dict
+from campe.core.losses import (ClipLoss, CampeObjective, LossConfig, SigLipLoss, diversity_loss, negation_loss,
+                               total_loss)
 from tests.conftest import join_spawned
 
 DT = torch.float64

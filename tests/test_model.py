@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from campe.losses import CampeObjective, total_loss
+from campe.core.losses import CampeObjective, total_loss
 from campe.model import (CONFIGS, CLIPModel, ModelConfig, VanillaTextTransformer, VisionTransformer,
                          build_model, build_model_from_config, load_config, save_config)
 

@@ -16,10 +16,10 @@ from torch.nn.utils.rnn import pad_sequence
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModel  # noqa: E402
 
-from campe.config import ConfigError, from_dict  # noqa: E402
-from campe.multiprompt import (  # noqa: E402
-    DECODER_TYPES, POOLINGS, MultiPromptConfig, PromptLayout, build_layout, build_text_encoder, prompt_attention_mask,
-    resolve_model_path)
+from campe.core.config import ConfigError, from_dict  # noqa: E402
+from campe.text.multiprompt import (  # noqa: E402
+                                    DECODER_TYPES, POOLINGS, MultiPromptConfig, PromptLayout, build_layout, build_text_encoder, prompt_attention_mask,
+                                    resolve_model_path)
 
 CAPTIONS = ["a dog", "a red circle on a blue background next to a small green square", "two cats on a mat"]
 

@@ -11,9 +11,9 @@ import statistics
 import pytest
 import torch
 
-from campe.config import ConfigError, from_dict
-from campe.retrieval import (RetrievalParams, class_embeddings, eval_record, retrieval_metrics, retrieval_ranks,
-                             segment_similarity, zero_shot_classify)
+from campe.core.config import ConfigError, from_dict
+from campe.core.retrieval import (RetrievalParams, class_embeddings, eval_record, retrieval_metrics, retrieval_ranks,
+                                  segment_similarity, zero_shot_classify)
 
 
 # ------------------------------------------------------------------------------------------------ dense reference

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from campe.synth import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, SynthParams, _rng, generate,
-                         make_captions, make_video_captions, sample_clip, sample_scene)
+from campe.data.synth import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, SynthParams, _rng, generate,
+                              make_captions, make_video_captions, sample_clip, sample_scene)
 
 WORDS = re.compile(r"[a-z]+")
 

@@ -18,11 +18,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from campe.config import ConfigError
-from campe.io import git_commit
-from campe.train_loop import (CKPT, FINAL, LOG_FILE, METHODS, RUN_ID_FILE, MemoryPairs, build_run_model,
-                              load_trained_model, lr_factor, make_optimizer, read_log, resolve_run_config,
-                              split_decay, train)
+from campe.core.config import ConfigError
+from campe.core.io import git_commit
+from campe.train.checkpoint import CKPT, FINAL, RUN_ID_FILE, build_run_model, load_trained_model
+from campe.train.log import LOG_FILE, read_log
+from campe.train.loop import train
+from campe.train.optim import lr_factor, make_optimizer, split_decay
+from campe.train.run_config import METHODS, resolve_run_config
+from campe.train.sources import MemoryPairs
 from tests.conftest import join_spawned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -243,7 +246,7 @@ def test_mlflow_run_has_params_step_metrics_artifacts_and_run_id_file(trained):
 
 
 def test_training_from_the_cache_matches_online_and_reloads_for_evaluation(shards, tiny_lm, tmp_path):
-    """source=None with an LM method reads the shards through campe.cache: cached float16 frozen states vs the frozen
+    """source=None with an LM method reads the shards through campe.train.data: cached float16 frozen states vs the frozen
     layers run online give the same losses up to float16 rounding; the saved model reloads with the plain tower."""
     from stages.cache import CacheParams, cache_stage
     runs = {}
@@ -373,7 +376,7 @@ def test_undecodable_sample_is_skipped_counted_once_and_resume_stays_exact(damag
     """Online from damaged shards over three epochs: the sample is warned about once (shard and key), counted once
     in metrics.json, MLflow and the checkpoint; a run killed and resumed equals the uninterrupted one bit for
     bit, with the same count."""
-    from campe.imageprep import UndecodableImageWarning
+    from campe.data.imageprep import UndecodableImageWarning
     root, sid, key = damaged
 
     def cfg(out, **kw):
@@ -409,7 +412,7 @@ def test_undecodable_sample_is_skipped_counted_once_and_resume_stays_exact(damag
 
 
 def test_cached_and_vanilla_training_skip_the_same_sample_and_too_many_skips_stop(damaged, tiny_lm, tmp_path):
-    from campe.imageprep import TooManySkipsError, UndecodableImageWarning
+    from campe.data.imageprep import TooManySkipsError, UndecodableImageWarning
     from stages.cache import CacheParams, cache_stage
     root, sid, key = damaged
     cache = str(tmp_path / "cache")
@@ -440,7 +443,7 @@ def test_cached_and_vanilla_training_skip_the_same_sample_and_too_many_skips_sto
 
 
 def _ddp_train(rank: int, world_size: int, port: int, cfg, err_dir: str) -> None:
-    from campe.imageprep import TooManySkipsError
+    from campe.data.imageprep import TooManySkipsError
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from campe.shards import iter_samples, shard_paths
+from campe.data.shards import iter_samples, shard_paths
 from tests.test_download import http_root  # noqa: F401  (fixture: a loopback HTTP server on the generated set)
 from tests.test_end_to_end import BIN, STAGES, _copy_repo, _repro, _sh
 from tests.tiny_config import write_tiny_params
@@ -192,8 +192,8 @@ def test_download_of_a_relative_list_records_no_checkout_path(generated, http_ro
 def test_cache_manifest_of_the_packaged_model_names_no_venv_folder():
     """A cache of the packaged model ("minilm") records it by that name: its folder lies inside the checkout's venv
     (`make repro` makes one per clone), so the resolved path would make every clone's cache manifest differ."""
-    from campe.cache import cache_manifest
-    from campe.multiprompt import build_text_encoder, resolve_model_path
+    from campe.text.cache_manifest import cache_manifest
+    from campe.text.multiprompt import build_text_encoder, resolve_model_path
 
     encoder = build_text_encoder(model_path="minilm", k=2)
     manifest = cache_manifest(encoder)

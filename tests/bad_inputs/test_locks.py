@@ -1,7 +1,7 @@
 """Output-folder locks: two runs never write into one folder at once, and a killed run never blocks the next.
 
 Every stage that writes a folder (generate, download, cache, train, an ablation root) holds its lock
-(campe.io.output_lock: a filelock OS lock in a hidden sibling file `.<folder>.campe-lock`). A second run fails at
+(campe.core.io.output_lock: a filelock OS lock in a hidden sibling file `.<folder>.campe-lock`). A second run fails at
 once with one line naming the folder and the holder; a killed holder's lock is released by the kernel.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def holder():
     procs = []
 
     def hold(folder: Path, what: str) -> subprocess.Popen:
-        code = ("import sys, time\nfrom campe.io import output_lock\n"
+        code = ("import sys, time\nfrom campe.core.io import output_lock\n"
                 f"with output_lock({str(folder)!r}, {what!r}):\n    print('held', flush=True)\n    time.sleep(600)\n")
         p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
         procs.append(p)

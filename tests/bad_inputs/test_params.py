@@ -120,7 +120,7 @@ def test_shards_at_another_size_than_the_model_are_refused_before_downloading(ca
 
 def test_the_flow_checks_the_whole_file_before_any_run(tmp_path):
     """The Prefect flow refuses a misspelt section before it starts an MLflow run or a stage."""
-    from campe.config import ConfigError
+    from campe.core.config import ConfigError
     from pipelines.campe_flow import campe_pipeline
 
     params = _write(tmp_path, _rename("train", "trian"))

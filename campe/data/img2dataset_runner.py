@@ -1,6 +1,6 @@
 """Run `img2dataset.download(**kwargs)` in a process of its own.
 
-    python -m campe.img2dataset_runner kwargs.json
+    python -m campe.data.img2dataset_runner kwargs.json
 
 img2dataset installs a SIGINT handler, which Python allows only in the main thread, and spawns workers that
 re-import the caller's main module. Running it as its own process makes it safe to call from anywhere (a Prefect

@@ -1,6 +1,6 @@
 """Retrieval and zero-shot metrics on precomputed embeddings, in bounded memory.
 
-    from campe.retrieval import retrieval_metrics, zero_shot_classify
+    from campe.core.retrieval import retrieval_metrics, zero_shot_classify
     m = retrieval_metrics(img_emb, txt_emb, txt_to_img)            # {"i2t_R@1": 71.2, ..., "rsum": 512.3}
     m_w = retrieval_metrics(img_emb, txt_emb, txt_to_img, weights=[1.5, 1, 1, 0.5])   # aspect re-weighted
     z = zero_shot_classify(img_emb, class_text_emb, labels)         # {"top1": 63.0, "top5": 91.5}

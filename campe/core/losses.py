@@ -1,6 +1,6 @@
 """CAMPE objective: contrastive (softmax InfoNCE or SigLIP sigmoid), prompt diversity, negation-aware; multi-rank.
 
-    from campe.losses import CampeObjective, total_loss
+    from campe.core.losses import CampeObjective, total_loss
     objective = CampeObjective(kind="softmax", lambda_div=0.1, lambda_neg=0.1, rank=rank, world_size=world_size)
     terms = objective(model(images=images, text=batch))   # model: campe.model.CLIPModel (or DDP around it)
     loss = total_loss(terms)                               # sum of the "*_loss" entries
@@ -56,7 +56,7 @@ class LossConfig:
     div_margin: float | None = 0.0  # relu(cos - margin); null: raw mean cosine
     lambda_neg: float = 0.0  # weight of the negation-aware loss (needs the negated prompts)
     neg_all_images: bool = False  # negated embeddings are negatives for every image, not only their own
-    gather_with_grad: bool = True  # exact full-batch gradients across ranks (see campe/losses.py)
+    gather_with_grad: bool = True  # exact full-batch gradients across ranks (see campe/core/losses.py)
 
     def validate(self) -> None:
         if self.kind not in KINDS:

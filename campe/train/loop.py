@@ -1,0 +1,388 @@
+"""Training loop: AdamW + warm-up/cosine, clipping, exact resume, DDP under torchrun, MLflow.
+
+    from campe.train.loop import train
+    from campe.train.run_config import resolve_run_config
+    cfg = resolve_run_config({"text_encoder": {...}, "model": {...}, "loss": {...}, "train": {...}})  # params.yaml
+    summary = train(cfg)                    # shards (+ cache) from cfg.train, outputs in cfg.train.out_dir
+    summary = train(cfg, resume=True)       # continue from out_dir/ckpt_last.pt (a killed run: its last checkpoint)
+    summary = train(cfg, source=MemoryPairs(images_uint8, captions))     # in-memory pairs (tests, small sets)
+
+    torchrun --nproc_per_node 2 -m campe.cli train      # DDP: gloo on CPU, NCCL on GPU; train.batch_size is global
+
+The methods and the run config: campe.train.run_config. Only the text tower's trainable parts (last LM layer, APT
+vectors, heads), the image tower and the temperature (and SigLIP bias) are optimised; the frozen LM weights are
+not even in the optimizer.
+
+Outputs in out_dir (rank 0 only):
+    ckpt_last.pt         resume checkpoint, written atomically every ckpt_every steps and at the end: trainable
+                         weights, optimizer, scheduler, step, data position (epoch, batch), every rank's RNG states
+    model.pt             final weights for evaluation (campe.train.checkpoint.load_trained_model(out_dir))
+    model_config.json    resolved model config (campe.model.save_config; "text_tower_config" = the text encoder)
+    train_config.json    the resolved run config (all four sections, method applied) and its hash
+    train_log.csv        per-step metrics (step, epoch, lr, loss, each term, grad_norm, samples_per_s)
+    loss_curve.png       the loss terms against the step
+    mlflow_run_id.txt    the MLflow run (written at the start, so evaluation and a resumed run log into it)
+    metrics.json         final loss terms, throughput and the samples skipped because their image does not decode
+                         (skipped_samples, skipped_fraction; also copied to train.metrics_file for DVC and logged
+                         to MLflow)
+
+Undecodable images (campe.data.imageprep): a sample whose image does not decode is left out of the batches (every
+batch stays full, so the DDP ranks stay in step), warned about with its shard and key, and counted once however
+many epochs see it; the count is gathered over the ranks at each metrics flush and kept in the checkpoint, and
+every rank stops with TooManySkipsError once it passes train.max_skip_fraction of the data's samples.
+
+Exact resume: the data order is a function of (seed, epoch) only, the position within the epoch is saved, and the
+RNG states (dropout) are restored, so on CPU a run of 2N steps equals N steps + resume + N steps bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from campe.core.io import OutputInUse, atomic_write_json, output_lock
+from campe.core.losses import CampeObjective, total_loss
+from campe.core.tracking import Tracker, flatten_config
+from campe.data.imageprep import SHOWN_SKIPS, UndecodableImageWarning, check_skip_fraction
+from campe.model import CLIPModel, save_config
+from campe.train.checkpoint import CKPT, FINAL, RUN_ID_FILE, build_run_model, load_trainable_state, torch_save_atomic, trainable_state
+from campe.train.distributed import DistInfo, all_ranks_have, init_distributed, rng_state, set_rng_state, to_device
+from campe.train.log import LOG_FILE, plot_loss_curve, read_log, write_log
+from campe.train.optim import lr_factor, make_optimizer
+from campe.train.run_config import RunConfig, TrainParams
+from campe.train.sources import CachedPairs, MemoryPairs, cache_available
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+def _progress_enabled(tp: TrainParams, info: DistInfo) -> bool:
+    return info.main and tp.progress and os.environ.get("CAMPE_NO_PROGRESS", "") not in ("1", "true")
+
+
+def train(cfg: RunConfig, *, source: Any = None, model: CLIPModel | None = None, resume: bool = False,
+          stop_at: int | None = None, checkpoint_at_stop: bool = True) -> dict[str, Any]:
+    """Train `cfg`; returns {"step", "steps", "samples_per_s", "final": {term: value}, "run_id", "out_dir"}.
+
+    source: None = the shards of cfg.train.shards_dir (through campe.train.data, cached or online, for LM methods when
+    it is installed; else decoded into memory), or any object with batches_per_epoch(batch_size) and
+    epoch_batches(epoch, batch_size, seed, rank, world_size, start) (see MemoryPairs).
+    model: train this model in place (from build_run_model(cfg, ...)) instead of building one.
+    resume: continue from out_dir/ckpt_last.pt when it exists (else start fresh).
+    stop_at: stop after this step (with a checkpoint, or, checkpoint_at_stop=False, as if killed there).
+    """
+    tp = cfg.train
+    info = init_distributed(tp.device)
+    try:
+        with _out_dir_lock(tp.out_dir, info):
+            return _train(cfg, info, source, model, resume, stop_at, checkpoint_at_stop)
+    finally:
+        if info.initialised_here:
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _out_dir_lock(out_dir: str, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds out_dir's lock (campe.core.io.output_lock) for the run (only rank 0 writes there); every rank learns
+    whether it got it, so on a refusal all ranks stop at once and none waits in a collective."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if info.main:
+            try:
+                stack.enter_context(output_lock(out_dir, "campe train"))
+            except OutputInUse as e:
+                error = str(e)
+        if info.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            if info.main:
+                raise OutputInUse(error)
+            raise SystemExit(1)  # rank 0 reports it: one line, not one per rank
+        yield
+
+
+def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None, resume: bool,
+           stop_at: int | None, checkpoint_at_stop: bool) -> dict[str, Any]:
+    tp = cfg.train
+    out = Path(tp.out_dir)
+    if tp.batch_size % info.world_size:
+        raise ValueError(f"train.batch_size {tp.batch_size} is not divisible by the {info.world_size} ranks")
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # LM methods read the shards through campe.train.data (cached frozen states, or online); the vanilla tower and
+    # explicit sources take captions.
+    mode = "plain"
+    if source is None and cfg.text_encoder is not None and cache_available():
+        mode = "cached" if tp.cache_dir else "online"
+    if model is None:
+        model, resolved, encoder = build_run_model(cfg, mode)
+    else:
+        mode = "cached" if type(model.text).__name__ == "CachedTextTower" else "plain"
+        encoder = getattr(model.text, "encoder", model.text)
+        resolved = {"name": "default", **dataclasses.asdict(model.cfg)}
+        if cfg.text_encoder is not None:
+            resolved.update(text_encoder="multiprompt", text_tower_config=dataclasses.asdict(cfg.text_encoder))
+    if source is None:
+        if mode != "plain":
+            source = CachedPairs(tp.shards_dir, tp.cache_dir or None, encoder, tp.num_workers)
+        else:
+            source = MemoryPairs.from_shards(tp.shards_dir, cfg.model.image_size)
+    text_input = _text_input_fn(cfg, model, mode)
+    model.to(info.device)
+
+    per_epoch = source.batches_per_epoch(tp.batch_size)
+    if per_epoch < 1:
+        raise ValueError(f"the training data has fewer pairs than one batch ({tp.batch_size}); lower "
+                         f"train.batch_size")
+    total = tp.steps or tp.epochs * per_epoch
+    optimizer = make_optimizer(model, tp)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tp.warmup_steps, total, tp.min_lr_ratio))
+
+    # Seeds (the weight init has its own seeds): dropout and anything random in the loop, per rank.
+    torch.manual_seed(tp.seed + info.rank)
+    np.random.seed((tp.seed + info.rank) % 2**32)
+    random.seed(tp.seed + info.rank)
+
+    step, epoch, batch_in_epoch, run_id, resume_rng = 0, 0, 0, None, None
+    # Samples left out because their image does not decode: id -> reason, in the order found, the same on every
+    # rank (gathered at each flush). A set, so the epochs and a resume's replayed batches count each sample once.
+    skipped: dict[str, str] = {}
+    take_skips = getattr(source, "take_skips", lambda: [])
+    total_samples = getattr(source, "total_samples", None)
+    ckpt_path = out / CKPT
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck["config_hash"] != cfg.hash(runtime=False):
+            raise ValueError(f"{ckpt_path}: written by another config (hash {ck['config_hash']}, now "
+                             f"{cfg.hash(runtime=False)}); resume with the same params, or use a new out_dir")
+        load_trainable_state(model, ck["model"], str(ckpt_path))
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        step, epoch, batch_in_epoch, run_id = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["mlflow_run_id"]
+        skipped.update(ck.get("skipped", {}))
+        resume_rng = ck["rng"][info.rank] if len(ck["rng"]) == info.world_size else None
+        if resume_rng is None and info.main:
+            print(f"campe train: resuming on {info.world_size} ranks from {len(ck['rng'])}: RNG streams reseeded "
+                  f"(not bit-identical)", file=sys.stderr)
+        if info.main:
+            write_log(out / LOG_FILE, [], keep_upto=step)  # drop rows a killed run logged after its checkpoint
+    elif info.main:
+        (out / LOG_FILE).unlink(missing_ok=True)
+
+    ddp = model
+    if info.world_size > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            find_unused_parameters=cfg.model.video_pool == "attn")  # the temporal pool is idle on images
+    objective = CampeObjective.from_config(cfg.loss, info.rank, info.world_size)
+
+    tracker = None
+    if info.main:
+        config_dict = cfg.to_dict()
+        save_config(resolved, out / "model_config.json")
+        atomic_write_json(out / "train_config.json", {"config": config_dict, "params_hash": cfg.hash(),
+                                                      "resume_hash": cfg.hash(runtime=False)})
+        if tp.tracking_uri:
+            tracker = Tracker(tp, run_id, config_hash=cfg.hash(), base_dir=cfg.base_dir)
+            new_run, run_id = run_id is None, tracker.run_id
+            (out / RUN_ID_FILE).write_text(run_id + "\n")
+            if new_run:
+                tracker.log_params({**flatten_config(config_dict), "params_hash": cfg.hash(),
+                                    "world_size": info.world_size, "total_steps": total,
+                                    "trainable_parameters": sum(p.numel() for p in model.parameters()
+                                                                if p.requires_grad)})
+
+    global_b = tp.batch_size
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tp.precision == "bf16")
+    params = [p for p in model.parameters() if p.requires_grad]
+    pending: list[tuple[int, int, float, dict[str, torch.Tensor]]] = []  # (step, epoch, lr, terms) to flush
+    bar = None
+    if _progress_enabled(tp, info):
+        from tqdm import tqdm
+        bar = tqdm(total=total * global_b, initial=step * global_b, unit="sample", unit_scale=True,
+                   dynamic_ncols=True, mininterval=1.0, desc=f"train {cfg.method}")
+
+    def note_skips() -> None:
+        """Gather the samples left out since the last call (every rank's), warn about new ones, and stop every
+        rank alike once they pass train.max_skip_fraction of the data."""
+        new = take_skips()
+        if info.world_size > 1:
+            parts: list[Any] = [None] * info.world_size
+            dist.all_gather_object(parts, new)
+            new = [x for part in parts for x in part]
+        for x in new:
+            if x.id in skipped:
+                continue
+            skipped[x.id] = x.reason
+            if info.main and len(skipped) <= SHOWN_SKIPS:
+                more = " (further skips are counted, not shown)" if len(skipped) == SHOWN_SKIPS else ""
+                warnings.warn(f"campe train: skipping sample {x.key} of {x.where}: {x.reason}{more}",
+                              UndecodableImageWarning, stacklevel=2)
+        if total_samples:
+            check_skip_fraction(len(skipped), total_samples, tp.max_skip_fraction, "campe train", skipped,
+                                "train.max_skip_fraction")
+
+    def flush(window_start: float, window_steps: int) -> None:
+        note_skips()  # on every rank at the same steps (a collective under DDP), before any checkpoint
+        if not pending:
+            return
+        keys = list(pending[0][3])
+        vals = torch.stack([torch.stack([t[k].float() for k in keys]) for *_, t in pending])  # [n, terms]
+        if info.world_size > 1:
+            dist.all_reduce(vals)  # mean over ranks: each rank's loss is its rows against the global batch
+            vals /= info.world_size
+        # Checked here, not every step (a per-step check would sync the GPU): before any checkpoint is written.
+        bad = (~torch.isfinite(vals)).nonzero()
+        if len(bad):
+            i, j = bad[0].tolist()
+            raise FloatingPointError(f"step {pending[i][0]}: {keys[j]} is {float(vals[i, j])}; lower train.lr, "
+                                     f"raise warmup_steps or use precision fp32")
+        rate = window_steps * global_b / max(1e-9, time.perf_counter() - window_start)
+        rows = []
+        for (s, e, lr, _), v in zip(pending, vals.cpu().tolist()):
+            row = {"step": s, "epoch": e, "lr": lr, **dict(zip(keys, v)), "samples_per_s": rate}
+            row["loss"] = sum(x for k, x in row.items() if k.endswith("_loss"))
+            rows.append(row)
+        pending.clear()
+        if info.main:
+            write_log(out / LOG_FILE, rows)
+            if tracker is not None:
+                tracker.log_metrics(rows)
+
+    def checkpoint() -> None:
+        states = [None] * info.world_size
+        if info.world_size > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if info.main:
+            torch_save_atomic({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                                "batch_in_epoch": batch_in_epoch, "rng": states, "mlflow_run_id": run_id,
+                                "skipped": dict(skipped),
+                                "config_hash": cfg.hash(runtime=False), "world_size": info.world_size},
+                               ckpt_path)
+
+    status = "FAILED"
+    start_step = step
+    if resume_rng is not None:
+        set_rng_state(resume_rng)  # last thing before the loop: nothing above may shift the restored streams
+    t_start = window_start = time.perf_counter()
+    window_steps = 0
+    try:
+        batches = source.epoch_batches(epoch, tp.batch_size, tp.seed, info.rank, info.world_size, batch_in_epoch)
+        empty_epochs = 0
+        while step < total and (stop_at is None or step < stop_at):
+            batch = next(batches, None)
+            if not all_ranks_have(batch is not None, info):
+                epoch, batch_in_epoch = epoch + 1, 0
+                empty_epochs += 1
+                if empty_epochs > 1:
+                    raise ValueError("an epoch of the training data gave no batch; check train.batch_size")
+                batches = source.epoch_batches(epoch, tp.batch_size, tp.seed, info.rank, info.world_size, 0)
+                continue
+            empty_epochs = 0
+            model.train()
+            images = to_device(batch["images"], info.device)
+            text = to_device(text_input(batch), info.device)
+            with autocast:
+                terms = objective(ddp(images=images, text=text))
+            loss = total_loss(terms)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tp.grad_clip if tp.grad_clip > 0 else float("inf"))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            model.clamp_logit_scale_()
+            step += 1
+            batch_in_epoch += 1
+            window_steps += 1
+            logged = {k: v.detach() for k, v in terms.items()}
+            logged["grad_norm"] = grad_norm.detach()
+            pending.append((step, epoch, lr, logged))
+            if bar is not None:
+                bar.update(global_b)
+                if step % tp.log_every == 0 or step == total:
+                    bar.set_postfix(step=step, loss=f"{float(loss.detach()):.4f}", refresh=False)
+            if step % tp.log_every == 0:
+                flush(window_start, window_steps)
+                window_start, window_steps = time.perf_counter(), 0
+            if tp.ckpt_every and step % tp.ckpt_every == 0 and step < total:
+                flush(window_start, window_steps)
+                checkpoint()
+        if step < total:  # stop_at: paused (or, checkpoint_at_stop=False, as if killed); the MLflow run stays open
+            status = "RUNNING"
+            if checkpoint_at_stop:
+                flush(window_start, window_steps)
+                checkpoint()
+            return {"step": step, "steps": total, "stopped": True, "run_id": run_id, "out_dir": str(out)}
+        flush(window_start, window_steps)
+        checkpoint()
+        summary = _finish(cfg, info, model, resolved, out, tracker, step, total, start_step,
+                          time.perf_counter() - t_start, run_id, skipped, total_samples)
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if tracker is not None and status != "RUNNING":
+            tracker.end(status)
+
+
+def _text_input_fn(cfg: RunConfig, model: CLIPModel, mode: str) -> Callable[[dict], Any]:
+    if cfg.text_encoder is None:
+        tower = model.text
+        return lambda batch: tower.tokenize(batch["captions"])
+    if mode != "plain":
+        return lambda batch: batch["text"]
+    encoder = model.text
+    return lambda batch: encoder.layout(batch["captions"])
+
+
+def _finish(cfg: RunConfig, info: DistInfo, model: CLIPModel, resolved: dict, out: Path, tracker: Tracker | None,
+            step: int, total: int, start_step: int, elapsed: float, run_id: str | None, skipped: dict[str, str],
+            total_samples: int | None) -> dict[str, Any]:
+    tp = cfg.train
+    samples_per_s = (step - start_step) * tp.batch_size / max(elapsed, 1e-9)
+    skip_fraction = round(len(skipped) / total_samples, 6) if total_samples else 0.0
+    summary: dict[str, Any] = {"step": step, "steps": total, "samples_per_s": round(samples_per_s, 2),
+                               "seconds": round(elapsed, 2), "run_id": run_id, "out_dir": str(out),
+                               "skipped_samples": len(skipped)}
+    if not info.main:
+        return summary
+    rows = read_log(out / LOG_FILE)  # the whole run, across resumes
+    last = rows[-tp.log_every:] if rows else []
+    final = {k: sum(r[k] for r in last) / len(last) for k in last[0]
+             if k not in ("step", "epoch", "samples_per_s")} if last else {}
+    summary["final"] = {k: round(v, 6) for k, v in final.items()}
+    torch_save_atomic({"model": trainable_state(model), "config": resolved, "step": step}, out / FINAL)
+    plot_loss_curve(rows, out / "loss_curve.png", title=f"{cfg.method} ({cfg.loss.kind})")
+    metrics = {"steps": step, "samples_per_s": summary["samples_per_s"], "world_size": info.world_size,
+               "skipped_samples": len(skipped), "skipped_fraction": skip_fraction,
+               **{f"final_{k}": v for k, v in summary["final"].items()}}
+    atomic_write_json(out / "metrics.json", metrics)
+    if tp.metrics_file:
+        atomic_write_json(tp.metrics_file, metrics)
+    if tracker is not None:
+        tracker.log_metrics([{"step": step, "samples_per_s_run": samples_per_s, "skipped_samples": len(skipped),
+                              "skipped_fraction": skip_fraction}])
+        for name in ("train_config.json", "model_config.json", FINAL, "loss_curve.png", LOG_FILE, "metrics.json"):
+            tracker.log_artifact(out / name)
+    return summary
