@@ -36,7 +36,8 @@ TOWER_MODES = ("plain", "cached", "online")
 def build_run_model(cfg: RunConfig, tower: str = "plain") -> tuple[CLIPModel, dict[str, Any], Any]:
     """-> (model, resolved model config, text encoder). For the LM methods `tower` picks the text input:
     "plain" = the MultiPromptTextEncoder itself (captions or PromptLayouts), "cached" / "online" =
-    campe.text.cached_tower's CachedTextTower over it (batch["text"] = {"hidden", "layout"} from the cache, or computed on the fly)."""
+    campe.text.cached_tower's CachedTextTower over it (batch["text"] = {"hidden", "layout"} from the cache, or
+    computed on the fly)."""
     if tower not in TOWER_MODES:
         raise ValueError(f"tower '{tower}' is not one of: {', '.join(TOWER_MODES)}")
     fields = dataclasses.asdict(cfg.model)

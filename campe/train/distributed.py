@@ -5,16 +5,18 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from campe.core.io import OutputInUse, output_lock
 from campe.text.multiprompt import PromptLayout
 
 
@@ -91,3 +93,25 @@ def set_rng_state(s: dict[str, Any]) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     py = s["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds out_dir's lock (campe.core.io.output_lock) for the run (only rank 0 writes there); every rank learns
+    whether it got it, so on a refusal all ranks stop at once and none waits in a collective."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if info.main:
+            try:
+                stack.enter_context(output_lock(out_dir, "campe train"))
+            except OutputInUse as e:
+                error = str(e)
+        if info.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            if info.main:
+                raise OutputInUse(error)
+            raise SystemExit(1)  # rank 0 reports it: one line, not one per rank
+        yield

@@ -36,7 +36,6 @@ RNG states (dropout) are restored, so on CPU a run of 2N steps equals N steps + 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import random
@@ -44,20 +43,22 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from campe.core.io import OutputInUse, atomic_write_json, output_lock
+from campe.core.io import atomic_write_json
 from campe.core.losses import CampeObjective, total_loss
 from campe.core.tracking import Tracker, flatten_config
 from campe.data.imageprep import SHOWN_SKIPS, UndecodableImageWarning, check_skip_fraction
 from campe.model import CLIPModel, save_config
-from campe.train.checkpoint import CKPT, FINAL, RUN_ID_FILE, build_run_model, load_trainable_state, torch_save_atomic, trainable_state
-from campe.train.distributed import DistInfo, all_ranks_have, init_distributed, rng_state, set_rng_state, to_device
+from campe.train.checkpoint import (CKPT, FINAL, RUN_ID_FILE, build_run_model, load_trainable_state,
+                                    torch_save_atomic, trainable_state)
+from campe.train.distributed import (DistInfo, all_ranks_have, init_distributed, out_dir_lock, rng_state,
+                                     set_rng_state, to_device)
 from campe.train.log import LOG_FILE, plot_loss_curve, read_log, write_log
 from campe.train.optim import lr_factor, make_optimizer
 from campe.train.run_config import RunConfig, TrainParams
@@ -83,142 +84,159 @@ def train(cfg: RunConfig, *, source: Any = None, model: CLIPModel | None = None,
     tp = cfg.train
     info = init_distributed(tp.device)
     try:
-        with _out_dir_lock(tp.out_dir, info):
+        with out_dir_lock(tp.out_dir, info):
             return _train(cfg, info, source, model, resume, stop_at, checkpoint_at_stop)
     finally:
         if info.initialised_here:
             dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def _out_dir_lock(out_dir: str, info: DistInfo) -> Iterator[None]:
-    """Rank 0 holds out_dir's lock (campe.core.io.output_lock) for the run (only rank 0 writes there); every rank learns
-    whether it got it, so on a refusal all ranks stop at once and none waits in a collective."""
-    with contextlib.ExitStack() as stack:
-        error = None
-        if info.main:
-            try:
-                stack.enter_context(output_lock(out_dir, "campe train"))
-            except OutputInUse as e:
-                error = str(e)
-        if info.world_size > 1:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error is not None:
-            if info.main:
-                raise OutputInUse(error)
-            raise SystemExit(1)  # rank 0 reports it: one line, not one per rank
-        yield
-
-
 def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None, resume: bool,
            stop_at: int | None, checkpoint_at_stop: bool) -> dict[str, Any]:
-    tp = cfg.train
-    out = Path(tp.out_dir)
-    if tp.batch_size % info.world_size:
-        raise ValueError(f"train.batch_size {tp.batch_size} is not divisible by the {info.world_size} ranks")
-    if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    # LM methods read the shards through campe.train.data (cached frozen states, or online); the vanilla tower and
-    # explicit sources take captions.
-    mode = "plain"
-    if source is None and cfg.text_encoder is not None and cache_available():
-        mode = "cached" if tp.cache_dir else "online"
-    if model is None:
-        model, resolved, encoder = build_run_model(cfg, mode)
-    else:
-        mode = "cached" if type(model.text).__name__ == "CachedTextTower" else "plain"
-        encoder = getattr(model.text, "encoder", model.text)
-        resolved = {"name": "default", **dataclasses.asdict(model.cfg)}
-        if cfg.text_encoder is not None:
-            resolved.update(text_encoder="multiprompt", text_tower_config=dataclasses.asdict(cfg.text_encoder))
+    """The run, step by step (the order matters: the RNG streams and the files are those of an exact resume)."""
+    out = _prepare_out_dir(cfg, info)
+    model, resolved, encoder, mode = _resolve_model(cfg, source, model)
     if source is None:
-        if mode != "plain":
-            source = CachedPairs(tp.shards_dir, tp.cache_dir or None, encoder, tp.num_workers)
-        else:
-            source = MemoryPairs.from_shards(tp.shards_dir, cfg.model.image_size)
+        source = _shard_source(cfg, mode, encoder)
     text_input = _text_input_fn(cfg, model, mode)
     model.to(info.device)
+    run = _Run.start(cfg, info, out, model, source)
+    resume_rng = run.restore() if resume and run.ckpt_path.exists() else run.fresh_log()
+    run.wrap_ddp()
+    objective = CampeObjective.from_config(cfg.loss, info.rank, info.world_size)
+    run.open_tracking(resolved)
+    return _loop(run, objective, text_input, resolved, resume_rng, stop_at, checkpoint_at_stop)
 
-    per_epoch = source.batches_per_epoch(tp.batch_size)
-    if per_epoch < 1:
-        raise ValueError(f"the training data has fewer pairs than one batch ({tp.batch_size}); lower "
-                         f"train.batch_size")
-    total = tp.steps or tp.epochs * per_epoch
-    optimizer = make_optimizer(model, tp)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tp.warmup_steps, total, tp.min_lr_ratio))
 
-    # Seeds (the weight init has its own seeds): dropout and anything random in the loop, per rank.
-    torch.manual_seed(tp.seed + info.rank)
-    np.random.seed((tp.seed + info.rank) % 2**32)
-    random.seed(tp.seed + info.rank)
+def _prepare_out_dir(cfg: RunConfig, info: DistInfo) -> Path:
+    tp = cfg.train
+    if tp.batch_size % info.world_size:
+        raise ValueError(f"train.batch_size {tp.batch_size} is not divisible by the {info.world_size} ranks")
+    out = Path(tp.out_dir)
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
 
-    step, epoch, batch_in_epoch, run_id, resume_rng = 0, 0, 0, None, None
-    # Samples left out because their image does not decode: id -> reason, in the order found, the same on every
-    # rank (gathered at each flush). A set, so the epochs and a resume's replayed batches count each sample once.
-    skipped: dict[str, str] = {}
-    take_skips = getattr(source, "take_skips", lambda: [])
-    total_samples = getattr(source, "total_samples", None)
-    ckpt_path = out / CKPT
-    if resume and ckpt_path.exists():
+
+def _resolve_model(cfg: RunConfig, source: Any, model: CLIPModel | None) -> tuple[CLIPModel, dict, Any, str]:
+    """(model, resolved model config, text encoder, text-input mode). LM methods read the shards through
+    campe.train.data (cached frozen states, or online); the vanilla tower and explicit sources take captions."""
+    mode = "plain"
+    if source is None and cfg.text_encoder is not None and cache_available():
+        mode = "cached" if cfg.train.cache_dir else "online"
+    if model is None:
+        model, resolved, encoder = build_run_model(cfg, mode)
+        return model, resolved, encoder, mode
+    mode = "cached" if type(model.text).__name__ == "CachedTextTower" else "plain"
+    encoder = getattr(model.text, "encoder", model.text)
+    resolved = {"name": "default", **dataclasses.asdict(model.cfg)}
+    if cfg.text_encoder is not None:
+        resolved.update(text_encoder="multiprompt", text_tower_config=dataclasses.asdict(cfg.text_encoder))
+    return model, resolved, encoder, mode
+
+
+def _shard_source(cfg: RunConfig, mode: str, encoder: Any) -> Any:
+    tp = cfg.train
+    if mode != "plain":
+        return CachedPairs(tp.shards_dir, tp.cache_dir or None, encoder, tp.num_workers)
+    return MemoryPairs.from_shards(tp.shards_dir, cfg.model.image_size)
+
+
+class _Run:
+    """The state of one training run (model, optimizer, position, skipped samples, pending metrics, MLflow run) and
+    the steps that act on it."""
+
+    def __init__(self, cfg: RunConfig, info: DistInfo, out: Path, model: CLIPModel, source: Any, total: int):
+        self.cfg, self.tp, self.info, self.out, self.model, self.source = cfg, cfg.train, info, out, model, source
+        self.total = total
+        self.ddp: nn.Module = model
+        self.ckpt_path = out / CKPT
+        self.step, self.epoch, self.batch_in_epoch, self.run_id = 0, 0, 0, None
+        # Samples left out because their image does not decode: id -> reason, in the order found, the same on every
+        # rank (gathered at each flush). A set, so the epochs and a resume's replayed batches count each sample once.
+        self.skipped: dict[str, str] = {}
+        self.take_skips = getattr(source, "take_skips", lambda: [])
+        self.total_samples = getattr(source, "total_samples", None)
+        self.pending: list[tuple[int, int, float, dict[str, torch.Tensor]]] = []  # (step, epoch, lr, terms) to flush
+        self.tracker: Tracker | None = None
+        self.window_start, self.window_steps = 0.0, 0
+
+    @classmethod
+    def start(cls, cfg: RunConfig, info: DistInfo, out: Path, model: CLIPModel, source: Any) -> "_Run":
+        """The schedule (total steps), optimizer and LR scheduler, and this rank's seeds."""
+        tp = cfg.train
+        per_epoch = source.batches_per_epoch(tp.batch_size)
+        if per_epoch < 1:
+            raise ValueError(f"the training data has fewer pairs than one batch ({tp.batch_size}); lower "
+                             f"train.batch_size")
+        run = cls(cfg, info, out, model, source, tp.steps or tp.epochs * per_epoch)
+        run.optimizer = make_optimizer(model, tp)
+        run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            run.optimizer, lambda s: lr_factor(s, tp.warmup_steps, run.total, tp.min_lr_ratio))
+        # Seeds (the weight init has its own seeds): dropout and anything random in the loop, per rank.
+        torch.manual_seed(tp.seed + info.rank)
+        np.random.seed((tp.seed + info.rank) % 2**32)
+        random.seed(tp.seed + info.rank)
+        return run
+
+    def restore(self) -> dict | None:
+        """Continue from ckpt_last.pt; returns this rank's saved RNG state (None: other world size, reseeded)."""
+        info, ckpt_path = self.info, self.ckpt_path
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck["config_hash"] != cfg.hash(runtime=False):
+        if ck["config_hash"] != self.cfg.hash(runtime=False):
             raise ValueError(f"{ckpt_path}: written by another config (hash {ck['config_hash']}, now "
-                             f"{cfg.hash(runtime=False)}); resume with the same params, or use a new out_dir")
-        load_trainable_state(model, ck["model"], str(ckpt_path))
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        step, epoch, batch_in_epoch, run_id = ck["step"], ck["epoch"], ck["batch_in_epoch"], ck["mlflow_run_id"]
-        skipped.update(ck.get("skipped", {}))
+                             f"{self.cfg.hash(runtime=False)}); resume with the same params, or use a new out_dir")
+        load_trainable_state(self.model, ck["model"], str(ckpt_path))
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
+        self.run_id = ck["mlflow_run_id"]
+        self.skipped.update(ck.get("skipped", {}))
         resume_rng = ck["rng"][info.rank] if len(ck["rng"]) == info.world_size else None
         if resume_rng is None and info.main:
             print(f"campe train: resuming on {info.world_size} ranks from {len(ck['rng'])}: RNG streams reseeded "
                   f"(not bit-identical)", file=sys.stderr)
         if info.main:
-            write_log(out / LOG_FILE, [], keep_upto=step)  # drop rows a killed run logged after its checkpoint
-    elif info.main:
-        (out / LOG_FILE).unlink(missing_ok=True)
+            write_log(self.out / LOG_FILE, [], keep_upto=self.step)  # drop rows a killed run logged after its ckpt
+        return resume_rng
 
-    ddp = model
-    if info.world_size > 1:
-        ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            find_unused_parameters=cfg.model.video_pool == "attn")  # the temporal pool is idle on images
-    objective = CampeObjective.from_config(cfg.loss, info.rank, info.world_size)
+    def fresh_log(self) -> None:
+        """A run from step 0: no log rows of an earlier run."""
+        if self.info.main:
+            (self.out / LOG_FILE).unlink(missing_ok=True)
 
-    tracker = None
-    if info.main:
+    def wrap_ddp(self) -> None:
+        info = self.info
+        if info.world_size > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                find_unused_parameters=self.cfg.model.video_pool == "attn")  # the temporal pool is idle on images
+
+    def open_tracking(self, resolved: dict) -> None:
+        """Rank 0: the run's config files, and its MLflow run (new, with its params, or the resumed one)."""
+        cfg, info, out = self.cfg, self.info, self.out
+        if not info.main:
+            return
         config_dict = cfg.to_dict()
         save_config(resolved, out / "model_config.json")
         atomic_write_json(out / "train_config.json", {"config": config_dict, "params_hash": cfg.hash(),
                                                       "resume_hash": cfg.hash(runtime=False)})
-        if tp.tracking_uri:
-            tracker = Tracker(tp, run_id, config_hash=cfg.hash(), base_dir=cfg.base_dir)
-            new_run, run_id = run_id is None, tracker.run_id
-            (out / RUN_ID_FILE).write_text(run_id + "\n")
-            if new_run:
-                tracker.log_params({**flatten_config(config_dict), "params_hash": cfg.hash(),
-                                    "world_size": info.world_size, "total_steps": total,
-                                    "trainable_parameters": sum(p.numel() for p in model.parameters()
-                                                                if p.requires_grad)})
+        if not self.tp.tracking_uri:
+            return
+        self.tracker = Tracker(self.tp, self.run_id, config_hash=cfg.hash(), base_dir=cfg.base_dir)
+        new_run, self.run_id = self.run_id is None, self.tracker.run_id
+        (out / RUN_ID_FILE).write_text(self.run_id + "\n")
+        if new_run:
+            self.tracker.log_params({**flatten_config(config_dict), "params_hash": cfg.hash(),
+                                     "world_size": info.world_size, "total_steps": self.total,
+                                     "trainable_parameters": sum(p.numel() for p in self.model.parameters()
+                                                                 if p.requires_grad)})
 
-    global_b = tp.batch_size
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tp.precision == "bf16")
-    params = [p for p in model.parameters() if p.requires_grad]
-    pending: list[tuple[int, int, float, dict[str, torch.Tensor]]] = []  # (step, epoch, lr, terms) to flush
-    bar = None
-    if _progress_enabled(tp, info):
-        from tqdm import tqdm
-        bar = tqdm(total=total * global_b, initial=step * global_b, unit="sample", unit_scale=True,
-                   dynamic_ncols=True, mininterval=1.0, desc=f"train {cfg.method}")
-
-    def note_skips() -> None:
+    def note_skips(self) -> None:
         """Gather the samples left out since the last call (every rank's), warn about new ones, and stop every
         rank alike once they pass train.max_skip_fraction of the data."""
-        new = take_skips()
+        info, skipped = self.info, self.skipped
+        new = self.take_skips()
         if info.world_size > 1:
             parts: list[Any] = [None] * info.world_size
             dist.all_gather_object(parts, new)
@@ -231,12 +249,14 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
                 more = " (further skips are counted, not shown)" if len(skipped) == SHOWN_SKIPS else ""
                 warnings.warn(f"campe train: skipping sample {x.key} of {x.where}: {x.reason}{more}",
                               UndecodableImageWarning, stacklevel=2)
-        if total_samples:
-            check_skip_fraction(len(skipped), total_samples, tp.max_skip_fraction, "campe train", skipped,
+        if self.total_samples:
+            check_skip_fraction(len(skipped), self.total_samples, self.tp.max_skip_fraction, "campe train", skipped,
                                 "train.max_skip_fraction")
 
-    def flush(window_start: float, window_steps: int) -> None:
-        note_skips()  # on every rank at the same steps (a collective under DDP), before any checkpoint
+    def flush(self) -> None:
+        """The pending step metrics, averaged over the ranks and checked finite, into the log and MLflow."""
+        self.note_skips()  # on every rank at the same steps (a collective under DDP), before any checkpoint
+        pending, info = self.pending, self.info
         if not pending:
             return
         keys = list(pending[0][3])
@@ -250,7 +270,7 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
             i, j = bad[0].tolist()
             raise FloatingPointError(f"step {pending[i][0]}: {keys[j]} is {float(vals[i, j])}; lower train.lr, "
                                      f"raise warmup_steps or use precision fp32")
-        rate = window_steps * global_b / max(1e-9, time.perf_counter() - window_start)
+        rate = self.window_steps * self.tp.batch_size / max(1e-9, time.perf_counter() - self.window_start)
         rows = []
         for (s, e, lr, _), v in zip(pending, vals.cpu().tolist()):
             row = {"step": s, "epoch": e, "lr": lr, **dict(zip(keys, v)), "samples_per_s": rate}
@@ -258,82 +278,116 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
             rows.append(row)
         pending.clear()
         if info.main:
-            write_log(out / LOG_FILE, rows)
-            if tracker is not None:
-                tracker.log_metrics(rows)
+            write_log(self.out / LOG_FILE, rows)
+            if self.tracker is not None:
+                self.tracker.log_metrics(rows)
 
-    def checkpoint() -> None:
+    def checkpoint(self) -> None:
+        """ckpt_last.pt (rank 0 writes it, with every rank's RNG state)."""
+        info = self.info
         states = [None] * info.world_size
         if info.world_size > 1:
             dist.all_gather_object(states, rng_state())
         else:
             states = [rng_state()]
         if info.main:
-            torch_save_atomic({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                                "batch_in_epoch": batch_in_epoch, "rng": states, "mlflow_run_id": run_id,
-                                "skipped": dict(skipped),
-                                "config_hash": cfg.hash(runtime=False), "world_size": info.world_size},
-                               ckpt_path)
+            torch_save_atomic({"model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+                               "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+                               "batch_in_epoch": self.batch_in_epoch, "rng": states, "mlflow_run_id": self.run_id,
+                               "skipped": dict(self.skipped),
+                               "config_hash": self.cfg.hash(runtime=False), "world_size": info.world_size},
+                              self.ckpt_path)
 
+    def train_step(self, batch: dict, objective: CampeObjective, text_input: Callable[[dict], Any],
+                   autocast: Any, params: list[torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on a batch; its terms join the pending metrics. Returns the loss."""
+        model, info, tp = self.model, self.info, self.tp
+        model.train()
+        images = to_device(batch["images"], info.device)
+        text = to_device(text_input(batch), info.device)
+        with autocast:
+            terms = objective(self.ddp(images=images, text=text))
+        loss = total_loss(terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tp.grad_clip if tp.grad_clip > 0 else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        model.clamp_logit_scale_()
+        self.step += 1
+        self.batch_in_epoch += 1
+        self.window_steps += 1
+        logged = {k: v.detach() for k, v in terms.items()}
+        logged["grad_norm"] = grad_norm.detach()
+        self.pending.append((self.step, self.epoch, lr, logged))
+        return loss
+
+    def after_step(self, bar: Any, loss: torch.Tensor) -> None:
+        """Progress bar, metrics flush every log_every steps, checkpoint every ckpt_every steps."""
+        tp, step = self.tp, self.step
+        if bar is not None:
+            bar.update(tp.batch_size)
+            if step % tp.log_every == 0 or step == self.total:
+                bar.set_postfix(step=step, loss=f"{float(loss.detach()):.4f}", refresh=False)
+        if step % tp.log_every == 0:
+            self.flush()
+            self.window_start, self.window_steps = time.perf_counter(), 0
+        if tp.ckpt_every and step % tp.ckpt_every == 0 and step < self.total:
+            self.flush()
+            self.checkpoint()
+
+
+def _progress_bar(run: _Run) -> Any:
+    if not _progress_enabled(run.tp, run.info):
+        return None
+    from tqdm import tqdm
+    b = run.tp.batch_size
+    return tqdm(total=run.total * b, initial=run.step * b, unit="sample", unit_scale=True, dynamic_ncols=True,
+                mininterval=1.0, desc=f"train {run.cfg.method}")
+
+
+def _loop(run: _Run, objective: CampeObjective, text_input: Callable[[dict], Any], resolved: dict,
+          resume_rng: dict | None, stop_at: int | None, checkpoint_at_stop: bool) -> dict[str, Any]:
+    """The steps until the end of the schedule (or stop_at), then the final model and metrics; the MLflow run ends
+    with the status the run ended with (a paused run leaves it open)."""
+    tp, info, source = run.tp, run.info, run.source
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=tp.precision == "bf16")
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    bar = _progress_bar(run)
     status = "FAILED"
-    start_step = step
+    start_step = run.step
     if resume_rng is not None:
         set_rng_state(resume_rng)  # last thing before the loop: nothing above may shift the restored streams
-    t_start = window_start = time.perf_counter()
-    window_steps = 0
+    t_start = run.window_start = time.perf_counter()
+    run.window_steps = 0
     try:
-        batches = source.epoch_batches(epoch, tp.batch_size, tp.seed, info.rank, info.world_size, batch_in_epoch)
+        batches = source.epoch_batches(run.epoch, tp.batch_size, tp.seed, info.rank, info.world_size,
+                                       run.batch_in_epoch)
         empty_epochs = 0
-        while step < total and (stop_at is None or step < stop_at):
+        while run.step < run.total and (stop_at is None or run.step < stop_at):
             batch = next(batches, None)
             if not all_ranks_have(batch is not None, info):
-                epoch, batch_in_epoch = epoch + 1, 0
+                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
                 empty_epochs += 1
                 if empty_epochs > 1:
                     raise ValueError("an epoch of the training data gave no batch; check train.batch_size")
-                batches = source.epoch_batches(epoch, tp.batch_size, tp.seed, info.rank, info.world_size, 0)
+                batches = source.epoch_batches(run.epoch, tp.batch_size, tp.seed, info.rank, info.world_size, 0)
                 continue
             empty_epochs = 0
-            model.train()
-            images = to_device(batch["images"], info.device)
-            text = to_device(text_input(batch), info.device)
-            with autocast:
-                terms = objective(ddp(images=images, text=text))
-            loss = total_loss(terms)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tp.grad_clip if tp.grad_clip > 0 else float("inf"))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            model.clamp_logit_scale_()
-            step += 1
-            batch_in_epoch += 1
-            window_steps += 1
-            logged = {k: v.detach() for k, v in terms.items()}
-            logged["grad_norm"] = grad_norm.detach()
-            pending.append((step, epoch, lr, logged))
-            if bar is not None:
-                bar.update(global_b)
-                if step % tp.log_every == 0 or step == total:
-                    bar.set_postfix(step=step, loss=f"{float(loss.detach()):.4f}", refresh=False)
-            if step % tp.log_every == 0:
-                flush(window_start, window_steps)
-                window_start, window_steps = time.perf_counter(), 0
-            if tp.ckpt_every and step % tp.ckpt_every == 0 and step < total:
-                flush(window_start, window_steps)
-                checkpoint()
-        if step < total:  # stop_at: paused (or, checkpoint_at_stop=False, as if killed); the MLflow run stays open
+            loss = run.train_step(batch, objective, text_input, autocast, params)
+            run.after_step(bar, loss)
+        if run.step < run.total:  # stop_at: paused (or, checkpoint_at_stop=False, as if killed); MLflow run stays open
             status = "RUNNING"
             if checkpoint_at_stop:
-                flush(window_start, window_steps)
-                checkpoint()
-            return {"step": step, "steps": total, "stopped": True, "run_id": run_id, "out_dir": str(out)}
-        flush(window_start, window_steps)
-        checkpoint()
-        summary = _finish(cfg, info, model, resolved, out, tracker, step, total, start_step,
-                          time.perf_counter() - t_start, run_id, skipped, total_samples)
+                run.flush()
+                run.checkpoint()
+            return {"step": run.step, "steps": run.total, "stopped": True, "run_id": run.run_id,
+                    "out_dir": str(run.out)}
+        run.flush()
+        run.checkpoint()
+        summary = _finish(run.cfg, info, run.model, resolved, run.out, run.tracker, run.step, run.total, start_step,
+                          time.perf_counter() - t_start, run.run_id, run.skipped, run.total_samples)
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:
@@ -342,8 +396,8 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
     finally:
         if bar is not None:
             bar.close()
-        if tracker is not None and status != "RUNNING":
-            tracker.end(status)
+        if run.tracker is not None and status != "RUNNING":
+            run.tracker.end(status)
 
 
 def _text_input_fn(cfg: RunConfig, model: CLIPModel, mode: str) -> Callable[[dict], Any]:

@@ -54,8 +54,9 @@ class MemoryPairs:
 
     @classmethod
     def from_shards(cls, root: str | Path, image_size: int | None = None) -> MemoryPairs:
-        """Every sample of the download stage's finished shards (campe.data.shards), decoded once (campe.data.imageprep). A
-        sample whose image does not decode is left out and listed in `.skipped` (the training loop counts it)."""
+        """Every sample of the download stage's finished shards (campe.data.shards), decoded once
+        (campe.data.imageprep). A sample whose image does not decode is left out and listed in `.skipped` (the
+        training loop counts it)."""
         import webdataset as wds
 
         from campe.data.shards import shard_paths
