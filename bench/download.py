@@ -3,7 +3,7 @@
     python bench/download.py                 # default sizes from params.yaml
     python bench/download.py --http          # also over a loopback HTTP server
 
-Generates the default benchmark into a temp folder, then runs `download_stage` with params.yaml's `download`
+Generates the default benchmark into a temp folder, then runs `stages.download.run_stage` with params.yaml's `download`
 section (same processes/threads/shard size as `dvc repro`). Reports the end-to-end rate (including img2dataset's
 ~9 s of process start-up) and the rate inside img2dataset's shards (from its own _stats.json). Last line: JSON.
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from campe.core.config import load_params  # noqa: E402
 from campe.data.synth import SynthParams, generate  # noqa: E402
-from stages.download import DownloadParams, download_stage  # noqa: E402
+from stages.download import DownloadParams, run_stage as download_stage  # noqa: E402
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -40,14 +39,14 @@ from prefect import flow, task
 
 from campe.core.config import load_params, read_yaml
 from campe.core.tracking import log_batch
-from campe.core.io import git_commit, store_uri, utc_stamp
+from campe.core.io import git_commit, json_sha256, store_uri, utc_stamp
 from campe.text.multiprompt import MultiPromptConfig
 from campe.data.synth import SynthParams
 from campe.train.checkpoint import RUN_ID_FILE
-from campe.train.run_config import TrainParams
+from campe.train.run_config import TRAIN_SECTIONS, TrainParams
 from pipelines.flow_params import FlowParams
 from stages.cache import CacheParams, run_stage as cache_stage
-from stages.download import DownloadInputError, DownloadParams, download_stage
+from stages.download import DownloadInputError, DownloadParams, run_stage as download_stage
 from stages.evaluate import EvaluateParams, mlflow_metric_name, run_stage as evaluate_stage
 from stages.generate import run_stage as generate_stage
 from stages.params import check_params
@@ -58,14 +57,14 @@ HELP = "run, show or serve the Prefect flow (scheduled deployment from params.ya
 
 # The params sections each stage reads (what its params hash covers; the same lists as dvc.yaml's `params`).
 STAGE_SECTIONS = {"generate": ("generate",), "download": ("download",), "cache": ("cache", "text_encoder"),
-                  "train": ("text_encoder", "model", "loss", "train"), "evaluate": ("evaluate",)}
+                  "train": TRAIN_SECTIONS, "evaluate": ("evaluate",)}
 PARENT_TAG = "mlflow.parentRunId"
 # ------------------------------------------------------------------------------------------------------ MLflow
-def params_hash(params_file: str, sections: tuple[str, ...]) -> str:
-    """sha256 of the named sections of the params file (canonical JSON; a missing section hashes as null)."""
+def sections_hash(params_file: str, sections: tuple[str, ...]) -> str:
+    """sha256 of the named sections of the params file (canonical JSON; a missing section hashes as null): the
+    `campe.params_hash` tag of a stage's MLflow run."""
     data = read_yaml(params_file)
-    blob = json.dumps({k: data.get(k) for k in sections}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return json_sha256({k: data.get(k) for k in sections}, default=str)
 
 
 @dataclass
@@ -89,7 +88,7 @@ class RunContext:
 
     def stage_tags(self, stage: str) -> dict[str, str]:
         return {**self.tags, PARENT_TAG: self.parent_run_id, "campe.stage": stage,
-                "campe.params_hash": params_hash(self.params_file, STAGE_SECTIONS[stage])}
+                "campe.params_hash": sections_hash(self.params_file, STAGE_SECTIONS[stage])}
 
 
 def _experiment_id(client, tp: TrainParams, base_dir: str) -> str:
@@ -123,7 +122,7 @@ def start_parent_run(params_file: str, flow_run_id: str | None) -> RunContext | 
     all_sections = tuple(dict.fromkeys(s for v in STAGE_SECTIONS.values() for s in v))
     run = client.create_run(exp_id, run_name=ctx.run_name("flow"),
                             tags={**tags, "campe.stage": "flow",
-                                  "campe.params_hash": params_hash(params_file, all_sections)})
+                                  "campe.params_hash": sections_hash(params_file, all_sections)})
     ctx.parent_run_id = run.info.run_id
     return ctx
 

@@ -9,7 +9,7 @@ The grid: every method in `ablate.methods` with the contrastive kind `ablate.kin
 `ablate.all_kinds_for` also with every other kind (the issue's "sigmoid vs softmax" on the full method), each over
 `ablate.seeds`. A cell is one (method, kind, seed):
 
-    1. the frozen-LM cache it needs (stages.cache.cache_stage), built once per distinct text-encoder layout under
+    1. the frozen-LM cache it needs (stages.cache.run_stage), built once per distinct text-encoder layout under
        <root>/caches/<pooling>[-neg]-<hash>: multi_prompt and multi_prompt_div share one (same layout); the
        negation variant needs its own, because the train loop refuses a cache whose manifest `negation` differs
        (campe.text.cache_manifest.MANIFEST_COMPARED); mean / last_token / single_prompt / defo one each; vanilla none.
@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -60,7 +59,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from campe.core.config import ConfigError, from_dict
-from campe.core.io import atomic_write_bytes, atomic_write_json, output_lock, store_uri
+from campe.train.run_config import TRAIN_SECTIONS
+from campe.core.io import atomic_write_bytes, atomic_write_json, json_sha256, output_lock, store_uri
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "the ablation table: methods x softmax/sigmoid x seeds, mean ± std (resumable)"
@@ -69,7 +69,7 @@ ALL_METHODS = ["vanilla", "mean", "last_token", "single_prompt", "defo", "multi_
                "multi_prompt_div_neg"]
 KINDS = ("softmax", "sigmoid")
 EVAL_SETS = ("image", "video", "zero_shot")
-SECTIONS = ("text_encoder", "model", "loss", "train", "cache", "evaluate")
+SECTIONS = (*TRAIN_SECTIONS, "cache", "evaluate")
 CELL_FILE = "cell.json"
 # Metrics shown in the Markdown table of a retrieval set (the CSV has every metric of the eval records).
 TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
@@ -148,7 +148,7 @@ def cell_dir(ap: AblateParams, cell: Cell) -> Path:
 def cell_sections(ap: AblateParams, base: dict[str, dict], cell: Cell) -> dict[str, dict]:
     """The four training sections of a cell: the base params with only method, kind, seed and schedule changed."""
     from campe.train.run_config import METHODS
-    s = {k: dict(base.get(k) or {}) for k in ("text_encoder", "model", "loss", "train")}
+    s = {k: dict(base.get(k) or {}) for k in TRAIN_SECTIONS}
     te = METHODS[cell.method]["text_encoder"]
     if te is not None:
         s["text_encoder"].update(te)  # the cache is built from this section as written (the run config checks it)
@@ -172,7 +172,7 @@ def layout_key(text_encoder: Any) -> str:
     d = dataclasses.asdict(text_encoder)
     for k in ("embed_dim", "init_seed"):  # heads and APT init: not in the cached frozen states
         d.pop(k)
-    h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+    h = json_sha256(d)[:8]
     return f"{d['pooling']}{'-neg' if d['negation'] else ''}-{h}"
 
 
@@ -203,13 +203,13 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
     from campe.train.checkpoint import FINAL, RUN_ID_FILE
     from campe.train.loop import train
     from campe.train.run_config import resolve_run_config
-    from stages.evaluate import params_hash, run_stage
+    from stages.evaluate import eval_params_hash, run_stage
 
     out = cell_dir(ap, cell)
     cfg = resolve_run_config(cell_sections(ap, base, cell), where)
     cfg.base_dir = os.path.dirname(os.path.abspath(where)) if os.path.isfile(where) else ""  # the params file's
     ep = _eval_params(ap, base, out, where)
-    config_hash = f"{cfg.hash(runtime=False)}-{params_hash(dataclasses.replace(ep, checkpoint=''))}"
+    config_hash = f"{cfg.hash(runtime=False)}-{eval_params_hash(dataclasses.replace(ep, checkpoint=''))}"
     record_path = out / CELL_FILE
     if record_path.exists():
         rec = json.loads(record_path.read_text())
@@ -221,7 +221,7 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
 
     timings: dict[str, float] = {}
     if cfg.text_encoder is not None and cfg.train.cache_dir:
-        from stages.cache import CacheParams, cache_stage
+        from stages.cache import CacheParams, run_stage as cache_stage
         cache_out = Path(ap.root) / "caches" / layout_key(cfg.text_encoder)
         cfg.train.cache_dir = str(cache_out)
         if str(cache_out) not in caches_done:  # once per process: a re-run skips its finished shards anyway

@@ -241,9 +241,9 @@ def _write_manifest_summary(out: Path, manifest: dict[str, Any], shards: list[st
     return summary
 
 
-def cache_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, repair: bool = False, overwrite: bool = False,
-                on_mismatch: str = "error", rank: int | None = None, world_size: int | None = None,
-                encoder: MultiPromptTextEncoder | None = None) -> dict[str, Any]:
+def run_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, repair: bool = False, overwrite: bool = False,
+              on_mismatch: str = "error", rank: int | None = None, world_size: int | None = None,
+              encoder: MultiPromptTextEncoder | None = None) -> dict[str, Any]:
     """Cache (or resume caching) this rank's shards; returns a summary. `encoder`: use this one instead of
     building it from `text_encoder` (tests pass tiny models)."""
     p.validate()
@@ -348,9 +348,6 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwr
             "threads": threads, "device": str(device), "output_dir": str(out)}
 
 
-run_stage = cache_stage  # what a Prefect task calls: run_stage(load_params(..., "cache", CacheParams), cfg)
-
-
 # ------------------------------------------------------------------------------------------------------------ CLI
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--params", default="params.yaml", help="params file (sections `cache` and `text_encoder`)")
@@ -379,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     p = load_params(args.params, "cache", CacheParams, overrides)
     enc = load_params(args.params, "text_encoder", MultiPromptConfig)
     try:
-        summary = cache_stage(p, enc, repair=args.repair, overwrite=args.overwrite, on_mismatch=args.on_mismatch)
+        summary = run_stage(p, enc, repair=args.repair, overwrite=args.overwrite, on_mismatch=args.on_mismatch)
     except CacheError as e:
         print(f"campe cache: error: {e}", file=sys.stderr)
         return 1

@@ -355,7 +355,7 @@ def roll_up_stats(out: Path, total_rows: int, seconds: float, attempted: int,
 
 
 # ---------------------------------------------------------------------------------------------------------- stage
-def download_stage(p: DownloadParams, retry_failed: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def run_stage(p: DownloadParams, retry_failed: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) the download; with `retry_failed`, add a pass over the rows that failed so far. Holds the
     output folder's lock (campe.core.io.output_lock) throughout."""
     with output_lock(p.output_dir, "campe download"):
@@ -459,7 +459,7 @@ def run(args: argparse.Namespace) -> int:
                                    "stats_file": args.stats}.items() if v is not None}
     p = load_params(args.params, "download", DownloadParams, overrides)
     try:
-        stats = download_stage(p, retry_failed=args.retry_failed, overwrite=args.overwrite)
+        stats = run_stage(p, retry_failed=args.retry_failed, overwrite=args.overwrite)
     except DownloadError as e:
         print(f"campe download: error: {e}", file=sys.stderr)
         return 1

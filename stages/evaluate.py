@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -36,21 +35,24 @@ import torch
 
 from campe.core import plots
 from campe.core.config import load_params
-from campe.embed import Embedder
-from campe.data.evaldata import (ZERO_SHOT_TEMPLATES, class_folder, class_prompts, load_karpathy, load_msrvtt,
-                                 make_zero_shot_folders)
-from campe.data.imageprep import DEFAULT_MAX_SKIP_FRACTION, SkipCounter, validate_max_skip_fraction
-from campe.core.io import atomic_write_json, store_uri
-from campe.core.retrieval import eval_record, retrieval_metrics, zero_shot_classify
+from campe.core.io import atomic_write_json, json_sha256, store_uri
+from campe.core.retrieval import RetrievalParams, eval_record, retrieval_metrics, zero_shot_classify
 from campe.core.tracking import log_batch
+from campe.data.evaldata import (ZERO_SHOT_TEMPLATES, EvalDataParams, class_folder, class_prompts, load_karpathy,
+                                 load_msrvtt, make_zero_shot_folders)
+from campe.data.imageprep import DEFAULT_MAX_SKIP_FRACTION, SkipCounter, validate_max_skip_fraction
+from campe.embed import Embedder
+
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "image/video retrieval, zero-shot classification and pictures for a checkpoint"
 
 
 @dataclass
-class EvaluateParams:
-    """params.yaml section `evaluate`."""
+class EvaluateParams(RetrievalParams, EvalDataParams):
+    """params.yaml section `evaluate`: its own fields, and as flat keys of the same section those of the retrieval
+    computation (campe.core.retrieval.RetrievalParams) and of the eval data loaders
+    (campe.data.evaldata.EvalDataParams), with their defaults and their checks."""
 
     checkpoint: str = "data/models/campe"  # a `campe train` out_dir (model.pt + train_config.json)
     image_sets: dict[str, str] = field(default_factory=lambda: {"generated": "data/generated/dataset_karpathy.json"})
@@ -59,40 +61,21 @@ class EvaluateParams:
     metrics_dir: str = "metrics/eval"
     plots_dir: str = "plots/eval"
     batch_size: int = 256
-    # retrieval computation
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    zero_shot_ks: list[int] = field(default_factory=lambda: [1, 5])
-    chunk: int = 0  # image rows per score chunk; 0 = auto
-    ties: str = "pessimistic"  # or "optimistic"
-    tie_tol: float = 1e-5  # scores this close (cosine units) tie: see campe.core.retrieval
-    aspect_weights: list[float] = field(default_factory=list)  # K weights; empty = plain cosine only
-    # data
-    karpathy_split: str = "test"
-    max_captions: int = 5
-    on_missing: str = "error"  # or "skip" (count and drop missing images/videos)
-    msrvtt_policy: str = "1k-A"  # or "full"
-    msrvtt_max_captions: int = 20
-    video_frames: int = 8
     examples: int = 4  # queries shown in the retrieval-examples grid and images in the aspect maps
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # undecodable images/videos: stop past this fraction
 
     def validate(self) -> None:
-        from campe.data.evaldata import EvalDataParams
-        from campe.core.retrieval import RetrievalParams
-
         # The two library dataclasses own the checks of their fields.
-        RetrievalParams(ks=self.ks, zero_shot_ks=self.zero_shot_ks, chunk=self.chunk, ties=self.ties,
-                        tie_tol=self.tie_tol, aspect_weights=self.aspect_weights).validate()
-        EvalDataParams(karpathy_split=self.karpathy_split, max_captions=self.max_captions, on_missing=self.on_missing,
-                       msrvtt_policy=self.msrvtt_policy, msrvtt_max_captions=self.msrvtt_max_captions,
-                       video_frames=self.video_frames).validate()
+        RetrievalParams.validate(self)
+        EvalDataParams.validate(self)
         if self.batch_size < 1 or self.examples < 0:
             raise ValueError("batch_size must be >= 1 and examples >= 0")
         validate_max_skip_fraction(self.max_skip_fraction)
 
 
-def params_hash(p: EvaluateParams) -> str:
-    return hashlib.sha256(json.dumps(dataclasses.asdict(p), sort_keys=True).encode()).hexdigest()[:12]
+def eval_params_hash(p: EvaluateParams) -> str:
+    """sha256 (12 hex) of the evaluate params: `params_hash` of each eval record."""
+    return json_sha256(dataclasses.asdict(p))[:12]
 
 
 def _metrics(p: EvaluateParams, img: torch.Tensor, txt: torch.Tensor, txt_to_img, k_segments: int | None) -> dict:
@@ -167,7 +150,7 @@ def evaluate_image_set(p: EvaluateParams, emb: Embedder, name: str, ann: str) ->
     if k is not None and p.examples:
         files.append(_aspect_maps(p, name, emb, ds.image_paths, ds.captions, ds.txt_to_img, txt, k))
     rec = eval_record(metrics, dataset=name, split=p.karpathy_split, caption_policy=f"first {p.max_captions}",
-                      checkpoint=p.checkpoint, params_hash=params_hash(p), weights=p.aspect_weights or None,
+                      checkpoint=p.checkpoint, params_hash=eval_params_hash(p), weights=p.aspect_weights or None,
                       ties=p.ties, tie_tol=p.tie_tol, annotation=str(ann), images=len(ds.image_paths),
                       captions=len(ds.captions),
                       skipped=ds.skipped, undecodable=bad.counter.record(), k_segments=k)
@@ -186,7 +169,7 @@ def evaluate_video_set(p: EvaluateParams, emb: Embedder, name: str, root: str) -
                for key, v in _metrics(p, vid, txt, ds.txt_to_video, k).items()}
     files = [plots.recall_bars(metrics, Path(p.plots_dir) / f"{name}_recall.png", title=name)]
     rec = eval_record(metrics, dataset=name, split="test", caption_policy=p.msrvtt_policy, checkpoint=p.checkpoint,
-                      params_hash=params_hash(p), weights=p.aspect_weights or None, ties=p.ties,
+                      params_hash=eval_params_hash(p), weights=p.aspect_weights or None, ties=p.ties,
                       tie_tol=p.tie_tol, root=str(root),
                       videos=len(ds.video_paths), captions=len(ds.captions), skipped=ds.skipped,
                       undecodable=bad.counter.record(), frames=p.video_frames, k_segments=k)
@@ -218,7 +201,7 @@ def evaluate_zero_shot(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict
                                      tie_tol=p.tie_tol, weights=p.aspect_weights, k_segments=seg.shape[1])
             metrics.update({f"reweighted_{task}_{k}": v for k, v in res.items()})
     rec = eval_record(metrics, dataset="generated_zero_shot", split="test", caption_policy="class-name templates",
-                      checkpoint=p.checkpoint, params_hash=params_hash(p), weights=p.aspect_weights or None,
+                      checkpoint=p.checkpoint, params_hash=eval_params_hash(p), weights=p.aspect_weights or None,
                       ties=p.ties, tie_tol=p.tie_tol, classes={t: len(class_folder(f)[2]) for t, f in folders.items()},
                       undecodable=undecodable)
     return {"record": rec, "files": []}

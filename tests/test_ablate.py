@@ -31,7 +31,7 @@ TINY_MODEL = dict(image_size=32, patch_size=8, width=32, layers=1, heads=2, embe
 @pytest.fixture(scope="module")
 def base(tiny_generated, tiny_lm, tmp_path_factory) -> dict:
     """Stage sections of a tiny ablation (what params.yaml holds), on download-stage shards of the tiny set."""
-    from stages.download import DownloadParams, download_stage
+    from stages.download import DownloadParams, run_stage as download_stage
     _, root = tiny_generated
     tmp = tmp_path_factory.mktemp("ablate")
     download_stage(DownloadParams(url_list=str(root / "urls" / "train.parquet"), output_dir=str(tmp / "shards"),

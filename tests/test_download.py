@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from campe.data.shards import iter_samples, sample_key, shard_paths, sort_shard
-from stages.download import DownloadError, DownloadParams, download_stage, read_url_list, resolve_url
+from stages.download import DownloadError, DownloadParams, read_url_list, resolve_url
+from stages.download import run_stage as download_stage
 
 
 def _params(tmp: Path, url_list: Path, name: str, **kw) -> DownloadParams:

@@ -92,15 +92,15 @@ def test_full_flow_makes_every_stage_output_and_parent_child_mlflow_runs(prefect
 
 
 def test_params_hash_covers_exactly_the_stage_sections(tmp_path):
-    from pipelines.campe_flow import STAGE_SECTIONS, params_hash
+    from pipelines.campe_flow import STAGE_SECTIONS, sections_hash
 
     params = write_tiny_params(tmp_path / "params.yaml", root=tmp_path)
-    before = {s: params_hash(str(params), secs) for s, secs in STAGE_SECTIONS.items()}
+    before = {s: sections_hash(str(params), secs) for s, secs in STAGE_SECTIONS.items()}
     cfg = yaml.safe_load(params.read_text())
     assert before["train"] == _sections_hash(cfg, STAGE_SECTIONS["train"])
     cfg["text_encoder"]["k"] = 3  # read by cache and train only
     params.write_text(yaml.safe_dump(cfg))
-    after = {s: params_hash(str(params), secs) for s, secs in STAGE_SECTIONS.items()}
+    after = {s: sections_hash(str(params), secs) for s, secs in STAGE_SECTIONS.items()}
     assert {s for s in STAGE_SECTIONS if before[s] != after[s]} == {"cache", "train"}
 
 

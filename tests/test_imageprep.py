@@ -180,7 +180,7 @@ def downloaded(tmp_path_factory):
     """Raw photos (PNG: no loss before the download) of several shapes and modes, through `campe download`
     (img2dataset, file:// URLs, resize_mode border, JPEG quality 95 at 64 px)."""
     from campe.data.shards import iter_samples
-    from stages.download import DownloadParams, download_stage
+    from stages.download import DownloadParams, run_stage as download_stage
 
     tmp = tmp_path_factory.mktemp("imageprep_dl")
     shapes = {"wide": (96, 160), "tall": (150, 70), "small": (20, 37), "square": (64, 64)}

@@ -157,7 +157,7 @@ def test_every_lm_baseline_trains_with_its_own_terms(method, tiny_lm, tmp_path):
 @pytest.fixture(scope="module")
 def shards(tiny_generated, tmp_path_factory):
     """The tiny generated benchmark's train list through the real download stage (webdataset shards, 32 px)."""
-    from stages.download import DownloadParams, download_stage
+    from stages.download import DownloadParams, run_stage as download_stage
     _, root = tiny_generated
     tmp = tmp_path_factory.mktemp("train_shards")
     download_stage(DownloadParams(url_list=str(root / "urls" / "train.parquet"), output_dir=str(tmp / "shards"),
@@ -248,7 +248,7 @@ def test_mlflow_run_has_params_step_metrics_artifacts_and_run_id_file(trained):
 def test_training_from_the_cache_matches_online_and_reloads_for_evaluation(shards, tiny_lm, tmp_path):
     """source=None with an LM method reads the shards through campe.train.data: cached float16 frozen states vs the frozen
     layers run online give the same losses up to float16 rounding; the saved model reloads with the plain tower."""
-    from stages.cache import CacheParams, cache_stage
+    from stages.cache import CacheParams, run_stage as cache_stage
     runs = {}
     for name, cache in (("cached", str(tmp_path / "cache")), ("online", "")):
         cfg = _cfg(tmp_path / name, "multi_prompt_div_neg", tiny_lm, steps=4, log_every=1, shards_dir=str(shards),
@@ -413,7 +413,7 @@ def test_undecodable_sample_is_skipped_counted_once_and_resume_stays_exact(damag
 
 def test_cached_and_vanilla_training_skip_the_same_sample_and_too_many_skips_stop(damaged, tiny_lm, tmp_path):
     from campe.data.imageprep import TooManySkipsError, UndecodableImageWarning
-    from stages.cache import CacheParams, cache_stage
+    from stages.cache import CacheParams, run_stage as cache_stage
     root, sid, key = damaged
     cache = str(tmp_path / "cache")
     cfg = _cfg(tmp_path / "cached", "multi_prompt_div_neg", tiny_lm, steps=12, log_every=4, shards_dir=str(root),

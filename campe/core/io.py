@@ -3,6 +3,7 @@ folder (two runs never write into one folder at once)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -43,6 +44,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def json_sha256(obj: Any, default: Callable[[Any], Any] | None = None) -> str:
+    """sha256 (hex) of `obj` as canonical JSON (sorted keys); default: how to write values JSON lacks (e.g. str).
+    The one hash of a config or params: callers shorten it as they need."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=default).encode()).hexdigest()
 
 
 def git_commit(cwd: str | None = None) -> str | None:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from campe.core.io import json_sha256
 from campe.text.multiprompt import DEFAULT_MODEL, MultiPromptTextEncoder, resolve_model_path
 
 
@@ -53,10 +54,6 @@ class CacheMissingError(CacheError):
 
 # ---------------------------------------------------------------------------------------------------- manifest
 
-def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 _VOLATILE_CONFIG_KEYS = {"_attn_implementation", "_attn_implementation_internal", "_name_or_path", "name_or_path",
                          "transformers_version", "dtype", "torch_dtype", "_commit_hash", "architectures",
                          "use_cache", "output_hidden_states", "output_attentions", "return_dict"}
@@ -86,10 +83,10 @@ def frozen_model_hash(encoder: MultiPromptTextEncoder) -> str:
 def tokenizer_hash(encoder: MultiPromptTextEncoder) -> str:
     """sha256 of the vocabulary, special tokens and the token ids the prompts became."""
     tok = encoder.tokenizer
-    return _sha256_json({"class": type(tok).__name__, "vocab": sorted(tok.get_vocab().items()),
-                         "special": {k: str(v) for k, v in tok.special_tokens_map.items()},
-                         "pad_id": encoder.pad_id, "placeholder_id": encoder.placeholder_id,
-                         "prompt_ids": encoder.prompt_ids, "apt_offsets": encoder.apt_offsets})
+    return json_sha256({"class": type(tok).__name__, "vocab": sorted(tok.get_vocab().items()),
+                        "special": {k: str(v) for k, v in tok.special_tokens_map.items()},
+                        "pad_id": encoder.pad_id, "placeholder_id": encoder.placeholder_id,
+                        "prompt_ids": encoder.prompt_ids, "apt_offsets": encoder.apt_offsets}, default=str)
 
 
 def _tokenizer_source(encoder: MultiPromptTextEncoder) -> str | None:

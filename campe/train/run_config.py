@@ -12,12 +12,12 @@ config's hash (`runtime=False`: without the fields that may change between a run
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from campe.core.config import ConfigError, from_dict
+from campe.core.io import json_sha256
 from campe.core.losses import LossConfig
 from campe.data.imageprep import DEFAULT_MAX_SKIP_FRACTION, validate_max_skip_fraction
 from campe.model import ModelConfig
@@ -60,7 +60,7 @@ class TrainParams:
     method: str = "multi_prompt_div_neg"  # one of METHODS
     shards_dir: str = "data/shards/train"  # the download stage's webdataset shards
     cache_dir: str = "data/cache/train"  # frozen LM states from the cache stage; "" = compute them online
-    out_dir: str = "models/campe"
+    out_dir: str = "data/models/campe"
     metrics_file: str = "metrics/train.json"  # final loss terms and samples/s for DVC; "" = none
     steps: int = 0  # optimizer steps; 0 = epochs x batches per epoch
     epochs: int = 2
@@ -140,7 +140,7 @@ class RunConfig:
         d = self.to_dict()
         if not runtime:
             d["train"] = {k: v for k, v in d["train"].items() if k not in RUNTIME_FIELDS}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return json_sha256(d)[:12]
 
 
 def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = "params") -> RunConfig:
