@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, LlamaConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from campe.text.multiprompt import build_text_encoder, resolve_model_path  # noqa: E402
+from campe.text.model_folder import resolve_model_path  # noqa: E402
+from campe.text.multiprompt import build_text_encoder  # noqa: E402
 
 WORDS = ("a red blue green small large circle square triangle dog cat person walking sitting on the of near "
          "beside image photo with two three wooden table street bright dark old young man woman child running "

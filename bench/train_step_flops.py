@@ -52,7 +52,7 @@ from campe.train.data import collate_samples, open_training_data  # noqa: E402
 from campe.core.losses import CampeObjective, total_loss  # noqa: E402
 from campe.model import build_model  # noqa: E402
 from campe.text.multiprompt import MultiPromptConfig, build_text_encoder  # noqa: E402
-from campe.data.synth import make_captions, render_scene, sample_scene  # noqa: E402
+from campe.data.synth_scenes import make_captions, render_scene, sample_scene  # noqa: E402
 from stages.cache import CacheParams, run_stage as cache_stage  # noqa: E402
 
 

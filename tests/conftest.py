@@ -85,7 +85,7 @@ def tok():
     """The packaged MiniLM tokenizer (offline)."""
     from transformers import AutoTokenizer
 
-    from campe.text.multiprompt import resolve_model_path
+    from campe.text.model_folder import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
 
@@ -95,7 +95,7 @@ def minilm_lm():
     """The packaged MiniLM-L6 model in eval mode (one per test module, which may change its attention setting)."""
     from transformers import AutoModel
 
-    from campe.text.multiprompt import resolve_model_path
+    from campe.text.model_folder import resolve_model_path
 
     return AutoModel.from_pretrained(resolve_model_path("minilm"), local_files_only=True).eval()
 

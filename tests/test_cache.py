@@ -30,7 +30,8 @@ from campe.text.cached_tower import CachedTextTower
 from campe.train.data import collate_samples, open_training_data
 from campe.core.losses import CampeObjective, total_loss  # noqa: E402
 from campe.model import build_model  # noqa: E402
-from campe.text.multiprompt import build_text_encoder, resolve_model_path  # noqa: E402
+from campe.text.model_folder import resolve_model_path  # noqa: E402
+from campe.text.multiprompt import build_text_encoder  # noqa: E402
 from stages.cache import CacheParams, run_stage as cache_stage, run  # noqa: E402
 from stages.download import DownloadParams, run_stage as download_stage  # noqa: E402
 

@@ -17,7 +17,7 @@ from campe.data.evaldata import (ZERO_SHOT_TEMPLATES, AnnotationFormatError, Eva
                                  VideoDecodeError, class_folder, class_prompts, frame_indices, load_karpathy, load_msrvtt,
                                  make_zero_shot_folders, sample_frames)
 from campe.core.retrieval import retrieval_metrics
-from campe.data.synth import COLOURS, SHAPES
+from campe.data.synth_scenes import COLOURS, SHAPES
 
 
 @pytest.fixture()

@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from campe.core.losses import CampeObjective, total_loss
-from campe.model import (CONFIGS, CLIPModel, ModelConfig, VanillaTextTransformer, VisionTransformer,
-                         build_model, build_model_from_config, load_config, save_config)
+from campe.model import CLIPModel, CONFIGS, ModelConfig, build_model, build_model_from_config, load_config, save_config
+from campe.towers import VanillaTextTransformer, VisionTransformer
 
 CAPTIONS = ["a red circle on a blue background", "two green squares", "a small yellow triangle near a large square"]
 

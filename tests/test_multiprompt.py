@@ -17,9 +17,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModel  # noqa: E402
 
 from campe.core.config import ConfigError, from_dict  # noqa: E402
-from campe.text.multiprompt import (  # noqa: E402
-                                    DECODER_TYPES, POOLINGS, MultiPromptConfig, PromptLayout, build_layout, build_text_encoder, prompt_attention_mask,
-                                    resolve_model_path)
+from campe.text.layout import PromptLayout, build_layout, prompt_attention_mask
+from campe.text.model_folder import DECODER_TYPES, resolve_model_path
+from campe.text.multiprompt import MultiPromptConfig, POOLINGS, build_text_encoder
 
 CAPTIONS = ["a dog", "a red circle on a blue background next to a small green square", "two cats on a mat"]
 

@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from campe.data.synth import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, SynthParams, _rng, generate,
-                              make_captions, make_video_captions, sample_clip, sample_scene)
+from campe.data.synth import SynthParams, generate
+from campe.data.synth_scenes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, _rng, make_captions, sample_scene
+from campe.data.synth_video import make_video_captions, sample_clip
 
 WORDS = re.compile(r"[a-z]+")
 

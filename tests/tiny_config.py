@@ -25,7 +25,7 @@ def save_tiny_lm(path: str | os.PathLike) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from campe.text.multiprompt import resolve_model_path
+    from campe.text.model_folder import resolve_model_path
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
     torch.manual_seed(0)
     lm = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -417,7 +417,7 @@ def make_zero_shot_folders(generated_root: str | Path, out_root: str | Path, spl
     (from images[].scene.objects[0] in dataset_karpathy.json). Every shape/colour of the generator is a class, even
     if absent from the split. Symlinks (absolute) unless copy=True. Returns {"shape": dir, "colour": dir}.
     A folder made earlier by this function is replaced; any other existing folder is refused."""
-    from campe.data.synth import COLOURS, SHAPES
+    from campe.data.synth_scenes import COLOURS, SHAPES
 
     gen = Path(generated_root)
     ann = gen / "dataset_karpathy.json"

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import torch
 
 from campe.core.io import json_sha256
-from campe.text.multiprompt import DEFAULT_MODEL, MultiPromptTextEncoder, resolve_model_path
+from campe.text.model_folder import DEFAULT_MODEL, resolve_model_path
+from campe.text.multiprompt import MultiPromptTextEncoder
 
 
 CACHE_FORMAT = 1

@@ -28,7 +28,7 @@ import torch
 
 from campe.data.shards import sample_key
 from campe.text.cache_manifest import CACHE_DTYPES, CACHE_FORMAT, CacheCorruptError, CacheError
-from campe.text.multiprompt import PromptLayout
+from campe.text.layout import PromptLayout
 
 
 SHARD_SUFFIX = ".parquet"

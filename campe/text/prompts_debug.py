@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from campe.text.multiprompt import MultiPromptConfig, POOLINGS, PromptLayout, build_text_encoder
+from campe.text.layout import PromptLayout
+from campe.text.multiprompt import MultiPromptConfig, POOLINGS, build_text_encoder
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "show the multi-prompt token layout and attention mask of a caption"

@@ -43,7 +43,8 @@ from campe.data.shards import image_bytes, sample_caption, shard_sample_count
 from campe.text.cache_manifest import CacheCorruptError, CacheMissingError, check_manifest
 from campe.text.cache_shards import cache_shard_path, iter_tar_samples, read_cache_shard, shard_meta
 from campe.text.cached_tower import LayoutMaker
-from campe.text.multiprompt import MultiPromptTextEncoder, PromptLayout
+from campe.text.layout import PromptLayout
+from campe.text.multiprompt import MultiPromptTextEncoder
 
 
 # ---------------------------------------------------------------------------------------------------- training data

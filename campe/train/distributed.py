@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from campe.core.io import OutputInUse, output_lock
-from campe.text.multiprompt import PromptLayout
+from campe.text.layout import PromptLayout
 
 
 def to_device(x: Any, device: torch.device) -> Any:

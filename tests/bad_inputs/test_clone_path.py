@@ -193,7 +193,8 @@ def test_cache_manifest_of_the_packaged_model_names_no_venv_folder():
     """A cache of the packaged model ("minilm") records it by that name: its folder lies inside the checkout's venv
     (`make repro` makes one per clone), so the resolved path would make every clone's cache manifest differ."""
     from campe.text.cache_manifest import cache_manifest
-    from campe.text.multiprompt import build_text_encoder, resolve_model_path
+    from campe.text.model_folder import resolve_model_path
+    from campe.text.multiprompt import build_text_encoder
 
     encoder = build_text_encoder(model_path="minilm", k=2)
     manifest = cache_manifest(encoder)

@@ -84,7 +84,7 @@ def tiny_gemma3(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, Gemma3TextConfig, Gemma3TextModel
 
-    from campe.text.multiprompt import resolve_model_path
+    from campe.text.model_folder import resolve_model_path
     path = tmp_path_factory.mktemp("gemma3") / "tiny-gemma3"
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"), local_files_only=True)
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def test_unsupported_lm_family_is_refused_before_loading_listing_the_supported(p
     """A Gemma3 checkpoint (loads in transformers, but its rotary embedding differs per layer type) gets the
     project's 'unsupported language model class' line listing the supported families, not a TypeError from
     inside transformers; `campe cache` keeps the existing cache and `campe train` writes no checkpoint."""
-    from campe.text.multiprompt import DECODER_TYPES, ENCODER_TYPES
+    from campe.text.model_folder import DECODER_TYPES, ENCODER_TYPES
     root, params = project
     gemma_params = _with_model(params, tiny_gemma3)
     line = _refused(capsys, root, gemma_params, "unsupported language model class Gemma3TextModel",
