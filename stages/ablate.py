@@ -365,7 +365,7 @@ def write_tables(ap: AblateParams) -> list[dict[str, Any]]:
     atomic_write_bytes(ap.table_md, table_markdown(rows, ap, len(records), len(grid(ap))).encode())
     panels = plot_panels(records, variants_of(ap))
     if ap.plot and panels:
-        from campe.core.plots import seed_spread_bars
+        from campe.plots import seed_spread_bars
         seed_spread_bars(panels, ap.plot, title=f"ablation {ap.name}: mean ± std over seeds, dots = seeds "
                                                 f"({len(records)}/{len(grid(ap))} cells)")
     return rows

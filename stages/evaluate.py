@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from campe.core import plots
+from campe import plots
 from campe.core.config import load_params
 from campe.core.io import atomic_write_json, json_sha256, store_uri
 from campe.core.retrieval import RetrievalParams, eval_record, retrieval_metrics, zero_shot_classify

@@ -220,7 +220,7 @@ def test_params_section():
 
 # ------------------------------------------------------------------------------------------------------- figures
 def test_figures_are_written(tiny_generated, tmp_path):
-    from campe.core.plots import aspect_maps_grid, recall_bars, retrieval_examples_grid
+    from campe.plots import aspect_maps_grid, recall_bars, retrieval_examples_grid
 
     _, root = tiny_generated
     ds = load_karpathy(root / "dataset_karpathy.json")

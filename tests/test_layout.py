@@ -120,3 +120,24 @@ def test_app_reference_reader_sees_every_kind_of_reference(tmp_path):
     (tmp_path / "campe" / "m.py").write_text(src)
     refs = app_references("campe/m.py", root=tmp_path)
     assert sorted(refs) == ["pipelines", "pipelines", "stages.cache", "stages.evaluate", "stages.train"]
+
+
+# The library's layers, bottom up: a module imports only from its own package or from a lower layer.
+LAYERS = {"core": 0, "data": 1, "text": 2, "towers": 2, "model": 3, "embed": 4, "plots": 4, "train": 4, "cli": 5}
+
+
+def layer_of(path: str) -> str:
+    """campe/core/io.py -> "core"; campe/model.py -> "model"."""
+    parts = Path(path).parts
+    return parts[1] if len(parts) > 2 else Path(path).stem
+
+
+def test_library_layers_import_only_downwards():
+    """core < data < text, towers < model < embed, plots, train < cli: no import runs back up (or sideways between
+    two packages of one layer), so a new method's package can stand on the layers below it."""
+    files = sorted(f.relative_to(ROOT).as_posix() for f in (ROOT / "campe").rglob("*.py"))
+    unknown = {layer_of(f) for f in files if not f.endswith("__init__.py")} - set(LAYERS)
+    assert not unknown, f"campe modules/packages without a layer in LAYERS: {sorted(unknown)}"
+    upward = [f"{f} -> {g}" for f in files for g in sorted(imports_of(f))
+              if g.startswith("campe/") and layer_of(g) != layer_of(f) and LAYERS[layer_of(g)] >= LAYERS[layer_of(f)]]
+    assert not upward, f"imports that run up (or across) the library's layers: {upward}"

@@ -1,6 +1,6 @@
 """Evaluation figures (matplotlib, Agg backend; written atomically as PNG).
 
-    from campe.core.plots import retrieval_examples_grid, aspect_maps_grid, recall_bars
+    from campe.plots import retrieval_examples_grid, aspect_maps_grid, recall_bars
     retrieval_examples_grid(captions, top5_paths, top5_is_correct, "plots/retrieval_examples.png")
     aspect_maps_grid(images_uint8, apt_maps, ["subject", "position", "secondary", "background"], "plots/apt_maps.png")
     recall_bars({"plain": m, "re-weighted": m_w}, "plots/recall.png")
