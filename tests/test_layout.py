@@ -42,7 +42,7 @@ def imports_of(path: str) -> set[str]:
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}  # `from campe import shards`
+            names |= {f"{node.module}.{a.name}" for a in node.names}  # `from campe.data import shards`
     return {f for f in map(module_file, names) if f and f != path}
 
 
