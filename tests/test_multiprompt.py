@@ -95,7 +95,7 @@ def test_layout_positions_restart_and_padding_on_the_right():
     caps = [[101, 5, 6, 102], [101, 7, 102], [101, 8, 9, 10, 11, 102]]
     prompts = [[20, 99, 21, 22]] * 3 + [[20, 99, 23, 24, 22]] * 3
     lay = build_layout(caps, prompts, [1] * 6, pad_id=0, negation=True)
-    assert lay.k == 3 and lay.neg_pooled_positions.shape == (3, 3)
+    assert lay.n_prompts == 3 and lay.neg_pooled_positions.shape == (3, 3)
     for b, cap in enumerate(caps):
         L = len(cap)
         assert lay.input_ids[b, :L].tolist() == cap and lay.segment_ids[b, :L].eq(0).all()

@@ -36,7 +36,8 @@ class PromptLayout:
     neg_pooled_positions: torch.Tensor | None = None
 
     @property
-    def k(self) -> int:
+    def n_prompts(self) -> int:
+        """Prompt segments (= APT vectors) per caption: MultiPromptConfig.n_prompts (K for multi_prompt)."""
         return self.apt_positions.shape[1]
 
     @property

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _span_names(enc, layout: PromptLayout) -> dict[int, str]:
-    k = layout.k
+    k = layout.n_prompts
     names = {0: "caption"}
     for i in range(1, len(enc.prompt_ids) + 1):
         names[i] = f"prompt {i}" if i <= k else f"negated {i - k}"
@@ -45,7 +45,7 @@ def _span_names(enc, layout: PromptLayout) -> dict[int, str]:
 def _token_labels(enc, layout: PromptLayout) -> list[str]:
     ids = layout.input_ids[0].tolist()
     labels = enc.tokenizer.convert_ids_to_tokens(ids)
-    k = layout.k
+    k = layout.n_prompts
     for j, p in enumerate(layout.apt_positions[0].tolist()):
         labels[p] = f"[APT-{j + 1}]"
     if layout.neg_apt_positions is not None:
@@ -69,9 +69,9 @@ def describe(enc, layout: PromptLayout, tokens: bool = False) -> str:
     cfg = enc.cfg
     kind = f"{enc.family}, {'causal' if enc.causal else 'bidirectional'}"
     lines = [f"model: {type(enc.lm).__name__} ({kind}; attention: {enc.lm.config._attn_implementation}), "
-             f"pooling {cfg.pooling}, {layout.k} prompts" + (" + their negations" if cfg.negation else "")
+             f"pooling {cfg.pooling}, {layout.n_prompts} prompts" + (" + their negations" if cfg.negation else "")
              + f", {enc.num_layers} layers (trainable from layer {enc.start_layer}"
-             + (", where the APT vectors enter)" if layout.k else ")"),
+             + (", where the APT vectors enter)" if layout.n_prompts else ")"),
              f"sequence: {n} tokens (caption {int(layout.caption_lengths[0])}"
              + (", TRUNCATED to max_length" if bool(layout.truncated[0]) else "") + ")",
              "",
@@ -106,7 +106,7 @@ def render_mask(enc, layout: PromptLayout, path: str) -> None:
     n = int(layout.lengths[0])
     allowed = (enc.attention_mask(layout)[0, 0, :n, :n] == 0).cpu().numpy()
     seg = layout.segment_ids[0, :n].cpu().numpy()
-    k = layout.k
+    k = layout.n_prompts
     palette = [plt.get_cmap("tab10")(i)[:3] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # no grey: that is the caption
     colour = {0: np.array([0.45, 0.45, 0.45])}
     for s in range(1, len(enc.prompt_ids) + 1):
