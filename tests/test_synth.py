@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from campe.data.synth import SynthParams, generate
-from campe.data.synth_scenes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, _rng, make_captions, sample_scene
+from campe.data.synth_scenes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, item_rng, make_captions, sample_scene
 from campe.data.synth_video import make_video_captions, sample_clip
 
 WORDS = re.compile(r"[a-z]+")
@@ -81,7 +81,7 @@ def test_every_caption_matches_its_drawn_scene(tiny_generated):
             _check_caption(s["raw"], im["scene"], s["aspects"])
     # And on many more scenes than the tiny set holds, all caption templates included.
     for i in range(400):
-        rng = _rng(123, "train", i)
+        rng = item_rng(123, "train", i)
         scene = sample_scene(rng)
         for c in make_captions(scene, 6, rng):
             _check_caption(c["caption"], scene, c["aspects"])
@@ -89,7 +89,7 @@ def test_every_caption_matches_its_drawn_scene(tiny_generated):
 
 def test_scene_invariants():
     for i in range(300):
-        scene = sample_scene(_rng(5, "test", i))
+        scene = sample_scene(item_rng(5, "test", i))
         objs, bg = scene["objects"], scene["background"]
         cells = [tuple(o["cell"]) for o in objs]
         assert len(set(cells)) == len(cells)
@@ -103,7 +103,7 @@ def test_video_captions_name_motion_and_attributes():
     verbs = {"move_right": "right", "move_left": "left", "move_up": "up", "move_down": "down", "grow": "larger",
              "shrink": "smaller", "spin": "rotates", "recolour": "colour"}
     for i in range(200):
-        rng = _rng(1, "video-train", i)
+        rng = item_rng(1, "video-train", i)
         clip = sample_clip(rng)
         for c in make_video_captions(clip, 6, rng):
             words = set(WORDS.findall(c["caption"]))

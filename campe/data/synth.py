@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from campe.data.synth_scenes import _rng, make_captions, render_scene, sample_scene
+from campe.data.synth_scenes import item_rng, make_captions, render_scene, sample_scene
 from campe.data.synth_video import make_video_captions, render_clip, sample_clip, write_mp4
 
 
@@ -129,7 +129,7 @@ def _generate_into(p: SynthParams, root: Path) -> dict[str, Any]:
     with _progress(sum(n for _, n, _ in splits), "generate images") as bar:
         for split, n, n_caps in splits:
             for i in range(n):
-                rng = _rng(p.seed, split, i)
+                rng = item_rng(p.seed, split, i)
                 scene = sample_scene(rng, p.max_objects)
                 caps = make_captions(scene, n_caps, rng)
                 image_id = f"{split}_{i:06d}"
@@ -158,7 +158,7 @@ def _generate_into(p: SynthParams, root: Path) -> dict[str, Any]:
     with _progress(p.train_videos + p.test_videos, "generate videos") as bar:
         for split, n in vsplits:
             for i in range(n):
-                rng = _rng(p.seed, f"video-{split}", i)
+                rng = item_rng(p.seed, f"video-{split}", i)
                 clip = sample_clip(rng)
                 caps = make_video_captions(clip, p.video_captions, rng)
                 video_id = f"video{len(videos)}"

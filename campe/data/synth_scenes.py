@@ -32,23 +32,23 @@ ASPECTS = ("subject", "position", "secondary", "relation", "background", "count"
 
 
 # ----------------------------------------------------------------------------------------------------------- scenes
-def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+def item_rng(seed: int, split: str, index: int) -> np.random.Generator:
     # One stream per item: deterministic, order-independent, and a larger set extends a smaller one.
     tag = {"train": 1, "val": 2, "test": 3, "video-train": 4, "video-test": 5}[split]
     return np.random.default_rng([seed, tag, index])
 
 
-def _pick(rng: np.random.Generator, items: list, exclude: set = frozenset()) -> Any:
+def pick(rng: np.random.Generator, items: list, exclude: set = frozenset()) -> Any:
     pool = [x for x in items if x not in exclude]
     return pool[int(rng.integers(len(pool)))]
 
 
 def sample_background(rng: np.random.Generator) -> dict[str, Any]:
-    kind = _pick(rng, BACKGROUNDS)
-    c1 = _pick(rng, list(COLOURS))
+    kind = pick(rng, BACKGROUNDS)
+    c1 = pick(rng, list(COLOURS))
     bg = {"kind": kind, "colours": [c1]}
     if kind == "gradient":
-        bg["colours"].append(_pick(rng, list(COLOURS), {c1}))
+        bg["colours"].append(pick(rng, list(COLOURS), {c1}))
     return bg
 
 
@@ -57,21 +57,21 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 3) -> dict[str, An
     bg = sample_background(rng)
     n = int(rng.integers(1, max_objects + 1))
     # The main subject is large or small; secondary objects are small, so "main" is well defined.
-    main_size = _pick(rng, list(SIZES))
+    main_size = pick(rng, list(SIZES))
     all_cells = list(POSITIONS)
     if main_size == "large" and n > 1:
         # A large object spills into its neighbouring cells: keep the others two cells away so nothing is occluded.
-        main_cell = _pick(rng, [c for c in all_cells if c != (1, 1)])
+        main_cell = pick(rng, [c for c in all_cells if c != (1, 1)])
         free = [c for c in all_cells if max(abs(c[0] - main_cell[0]), abs(c[1] - main_cell[1])) >= 2]
     else:
-        main_cell = _pick(rng, all_cells)
+        main_cell = pick(rng, all_cells)
         free = [c for c in all_cells if c != main_cell]
     cells = [main_cell] + [free[i] for i in rng.permutation(len(free))[: n - 1]]
     objects, used = [], set()
     for i in range(n):
         while True:
-            shape = _pick(rng, SHAPES)
-            colour = _pick(rng, list(COLOURS), set(bg["colours"]))  # never invisible on its background
+            shape = pick(rng, SHAPES)
+            colour = pick(rng, list(COLOURS), set(bg["colours"]))  # never invisible on its background
             if (shape, colour) not in used:
                 break
         used.add((shape, colour))
@@ -106,7 +106,7 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float,
+def draw_object(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float,
                  angle: float = 0.0) -> None:
     fill = COLOURS[colour]
     if shape == "circle":
@@ -159,25 +159,25 @@ def render_scene(scene: dict[str, Any], size: int, supersample: int = 4) -> Imag
         # Cell centres at 0.2/0.5/0.8 of the side keep large shapes inside the frame.
         cx = (0.2 + 0.3 * o["cell"][0]) * side
         cy = (0.2 + 0.3 * o["cell"][1]) * side
-        _draw_object(d, o["shape"], o["colour"], cx, cy, SIZES[o["size"]] * side, o.get("angle", 0.0))
+        draw_object(d, o["shape"], o["colour"], cx, cy, SIZES[o["size"]] * side, o.get("angle", 0.0))
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
 # -------------------------------------------------------------------------------------------------------- captions
-def _article(phrase: str) -> str:
+def article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def noun_phrase(o: dict[str, Any], size: bool = True, colour: bool = True) -> str:
     words = ([o["size"]] if size else []) + ([o["colour"]] if colour else []) + [o["shape"]]
-    return _article(" ".join(words))
+    return article(" ".join(words))
 
 
 def background_phrase(bg: dict[str, Any]) -> str:
     c = bg["colours"]
     if bg["kind"] == "gradient":
         return f"a {c[0]} to {c[1]} gradient background"
-    return _article(f"{bg['kind']} {c[0]} background")
+    return article(f"{bg['kind']} {c[0]} background")
 
 
 def relation(a: dict[str, Any], b: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from campe.data.synth_scenes import (COLOURS, SHAPES, _article, _draw_object, _pick, background_phrase,
+from campe.data.synth_scenes import (COLOURS, SHAPES, article, background_phrase, draw_object, pick,
                                      render_background, sample_background)
 
 
@@ -33,16 +33,16 @@ def sample_clip(rng: np.random.Generator) -> dict[str, Any]:
     """A clip: a background (plain or gradient), a moving main object and maybe a still second object."""
     bg = sample_background(rng)
     bg = {"kind": "plain", "colours": bg["colours"][:1]} if bg["kind"] not in ("plain", "gradient") else bg
-    shape = _pick(rng, SHAPES)
-    motion = _pick(rng, MOTIONS, {"spin"} if shape == "circle" else set())  # a spinning circle looks still
-    colour = _pick(rng, list(COLOURS), set(bg["colours"]))
+    shape = pick(rng, SHAPES)
+    motion = pick(rng, MOTIONS, {"spin"} if shape == "circle" else set())  # a spinning circle looks still
+    colour = pick(rng, list(COLOURS), set(bg["colours"]))
     clip: dict[str, Any] = {"background": bg, "motion": motion,
                             "subject": {"shape": shape, "colour": colour, "size": "large"}}
     if motion == "recolour":
-        clip["to_colour"] = _pick(rng, list(COLOURS), set(bg["colours"]) | {colour})
+        clip["to_colour"] = pick(rng, list(COLOURS), set(bg["colours"]) | {colour})
     if rng.random() < 0.5:
-        clip["still"] = {"shape": _pick(rng, SHAPES, {shape}),
-                         "colour": _pick(rng, list(COLOURS), set(bg["colours"])), "size": "small"}
+        clip["still"] = {"shape": pick(rng, SHAPES, {shape}),
+                         "colour": pick(rng, list(COLOURS), set(bg["colours"])), "size": "small"}
     return clip
 
 
@@ -74,15 +74,15 @@ def render_clip(clip: dict[str, Any], size: int, frames: int, supersample: int =
         d = ImageDraw.Draw(img)
         if "still" in clip:
             # The still object sits in a corner the mover never crosses.
-            _draw_object(d, clip["still"]["shape"], clip["still"]["colour"], 0.15 * side, 0.15 * side, 0.1 * side)
-        _draw_object(d, s["shape"], colour, cx * side, cy * side, r * side, angle)
+            draw_object(d, clip["still"]["shape"], clip["still"]["colour"], 0.15 * side, 0.15 * side, 0.1 * side)
+        draw_object(d, s["shape"], colour, cx * side, cy * side, r * side, angle)
         out.append(np.asarray(img.resize((size, size), Image.Resampling.LANCZOS)))
     return out
 
 
 def make_video_captions(clip: dict[str, Any], n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     s, m = clip["subject"], clip["motion"]
-    subj_full, subj_bare = _article(f"{s['colour']} {s['shape']}"), _article(s["shape"])
+    subj_full, subj_bare = article(f"{s['colour']} {s['shape']}"), article(s["shape"])
     if m == "recolour":
         verbs = [f"turns {clip['to_colour']}", f"changes colour from {s['colour']} to {clip['to_colour']}"]
     else:
@@ -96,7 +96,7 @@ def make_video_captions(clip: dict[str, Any], n: int, rng: np.random.Generator) 
                     f"a video of {subj_bare} that {verbs[1]}", ("subject", "motion")))
     if "still" in clip:
         still = clip["still"]
-        options.append((f"{subj_full} {verbs[0]} while {_article(still['colour'] + ' ' + still['shape'])} stays still",
+        options.append((f"{subj_full} {verbs[0]} while {article(still['colour'] + ' ' + still['shape'])} stays still",
                         ("subject", "motion", "secondary")))
     order = rng.permutation(len(options))
     return [{"caption": options[int(j)][0], "aspects": list(options[int(j)][1])} for j in order[:n]]
