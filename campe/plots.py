@@ -12,23 +12,30 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from PIL import Image
 
-matplotlib.use("Agg")  # files only: no display on CI/servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from campe.data.imageprep import to_rgb  # noqa: E402
-from campe.core.io import atomic_write_bytes  # noqa: E402
+from campe.data.imageprep import to_rgb
+from campe.core.io import atomic_write_bytes
 
 CORRECT, WRONG = "#2ca02c", "#d62728"
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: no display on CI/servers), imported on first use: every
+    stage imports this module through the params check, and pyplot's import (~0.7 s) is for the ones that draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(fig, out_png: str | Path, dpi: int = 100) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write_bytes(out_png, buf.getvalue())
     return Path(out_png)
 
@@ -56,7 +63,7 @@ def retrieval_examples_grid(query_captions: Sequence[str], topk_image_paths: Seq
         raise ValueError(f"retrieval_examples_grid: need one caption, one top-k list and one flag list per query "
                          f"(got {q}, {len(topk_image_paths)}, {len(correct_flags)})")
     k = max(len(p) for p in topk_image_paths)
-    fig, axes = plt.subplots(q, k + 1, figsize=(2.6 + 1.6 * k, 1.75 * q), squeeze=False,
+    fig, axes = _pyplot().subplots(q, k + 1, figsize=(2.6 + 1.6 * k, 1.75 * q), squeeze=False,
                              gridspec_kw={"width_ratios": [1.6] + [1] * k})
     for r in range(q):
         if len(correct_flags[r]) != len(topk_image_paths[r]):
@@ -98,7 +105,7 @@ def aspect_maps_grid(images, maps, aspect_names: Sequence[str], out_png: str | P
     b, k = m.shape[:2]
     if len(aspect_names) != k:
         raise ValueError(f"aspect_maps_grid: {len(aspect_names)} aspect names for K={k} maps")
-    fig, axes = plt.subplots(b, k + 1, figsize=(1.7 * (k + 1), 1.7 * b), squeeze=False)
+    fig, axes = _pyplot().subplots(b, k + 1, figsize=(1.7 * (k + 1), 1.7 * b), squeeze=False)
     for r in range(b):
         h, w = imgs[r].shape[:2]
         axes[r, 0].imshow(imgs[r], interpolation="nearest")
@@ -126,7 +133,7 @@ def recall_bars(metrics: dict, out_png: str | Path, title: str | None = None) ->
         raise ValueError(f"recall_bars: no '<dir>_R@k' keys in metrics (got {list(next(iter(runs.values())))[:6]})")
     x = np.arange(len(names))
     width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(names) * max(1, len(runs) * 0.6), 3.2))
+    fig, ax = _pyplot().subplots(figsize=(1.0 + 0.9 * len(names) * max(1, len(runs) * 0.6), 3.2))
     for i, (run, m) in enumerate(runs.items()):
         vals = [float(m.get(n, np.nan)) for n in names]
         bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, vals, width, label=run or None)
@@ -152,7 +159,7 @@ def seed_spread_bars(panels: dict[str, dict[str, list[float]]], out_png: str | P
     n_var = max(len(v) for v in panels.values())
     cols = min(2, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * (0.5 * n_var + 1.5), rows * 3.6), squeeze=False)
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(cols * (0.5 * n_var + 1.5), rows * 3.6), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, (name, by_variant) in zip(axes.flat, panels.items()):
