@@ -46,12 +46,17 @@ def _help_of(module: str) -> str:
     return ""
 
 
-def commands() -> dict[str, tuple[str, str]]:
-    """name -> (module, one-line help), by name (the first distribution that registers a name wins)."""
-    table: dict[str, tuple[str, str]] = {}
+def _modules() -> dict[str, str]:
+    """name -> module of the registered commands (the first distribution that registers a name wins)."""
+    table: dict[str, str] = {}
     for ep in importlib.metadata.entry_points(group=GROUP):
-        table.setdefault(ep.name, (ep.value, ""))
-    return {name: (module, _help_of(module)) for name, (module, _) in sorted(table.items())}
+        table.setdefault(ep.name, ep.value)
+    return table
+
+
+def commands() -> dict[str, tuple[str, str]]:
+    """name -> (module, one-line help), by name."""
+    return {name: (module, _help_of(module)) for name, module in sorted(_modules().items())}
 
 
 def _usage(table: dict[str, tuple[str, str]]) -> str:
@@ -68,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(commands()))
         return 0
     name, rest = argv[0], argv[1:]
-    eps: dict[str, str] = {}
-    for ep in importlib.metadata.entry_points(group=GROUP):
-        eps.setdefault(ep.name, ep.value)
+    eps = _modules()
     if name not in eps:
         print(f"campe: unknown command '{name}'\n\n{_usage(commands())}", file=sys.stderr)
         return 2

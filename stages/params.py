@@ -47,26 +47,21 @@ _LAZY = {"flow"}
 def check_params(path: str | Path) -> dict[str, Any]:
     """Validate the whole params file at `path`; returns its raw sections. Raises ConfigError (one line)."""
     data = read_yaml(path, SECTIONS)
-    for name, cls in SECTIONS.items():
-        if name in data:
-            from_dict(cls, data[name], f"{path}:{name}", validate=name not in _LAZY)
-    _check_across(data, str(path))
+    # Each section built once (a missing one: its defaults); the checks across sections read these objects.
+    built = {name: from_dict(cls, data.get(name), f"{path}:{name}", validate=name not in _LAZY and name in data)
+             for name, cls in SECTIONS.items()}
+    _check_across(data, built, str(path))
     return data
 
 
-def _check_across(data: dict[str, Any], where: str) -> None:
-    def section(name: str) -> dict[str, Any]:
-        return dict(data.get(name) or {})
-
+def _check_across(data: dict[str, Any], built: dict[str, Any], where: str) -> None:
     if "train" in data:  # a file that trains: resolve the run as `campe train` will (method, derived fields)
         resolve_run_config({k: data.get(k) for k in TRAIN_SECTIONS}, where)
     elif "text_encoder" in data and "model" in data:  # the cache is made for a K that must divide embed_dim
-        from_dict(MultiPromptConfig, {**section("text_encoder"), "embed_dim": from_dict(
-            ModelConfig, section("model"), f"{where}:model").embed_dim}, f"{where}:text_encoder")
+        from_dict(MultiPromptConfig, {**data["text_encoder"], "embed_dim": built["model"].embed_dim},
+                  f"{where}:text_encoder")
     if "download" in data and "model" in data:
-        down = from_dict(DownloadParams, section("download"), f"{where}:download")
-        model = from_dict(ModelConfig, section("model"), f"{where}:model")
-        shards = from_dict(TrainParams, section("train"), f"{where}:train").shards_dir
+        down, model, shards = built["download"], built["model"], built["train"].shards_dir
         if shards == down.output_dir and down.image_size != model.image_size:
             raise ConfigError(f"{where}: download.image_size is {down.image_size} but model.image_size is "
                               f"{model.image_size} and training reads those shards ({shards}); set both to the "
