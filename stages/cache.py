@@ -48,7 +48,7 @@ from campe.text.cache_manifest import (CACHE_DTYPES, CacheCorruptError, CacheErr
 from campe.text.cache_shards import (ShardWriter, _pa, cache_shard_path, is_disk_full, iter_tar_samples,
                                      remove_stale_temps, shard_meta, tar_source_digest, verify_cache_shard)
 from campe.text.cached_tower import LayoutMaker
-from campe.text.multiprompt import MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
+from campe.text.multiprompt import DEFAULT_EMBED_DIM, MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
 
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
@@ -241,11 +241,12 @@ def _write_manifest_summary(out: Path, manifest: dict[str, Any], shards: list[st
     return summary
 
 
-def run_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, repair: bool = False, overwrite: bool = False,
-              on_mismatch: str = "error", rank: int | None = None, world_size: int | None = None,
-              encoder: MultiPromptTextEncoder | None = None) -> dict[str, Any]:
+def run_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, embed_dim: int = DEFAULT_EMBED_DIM,
+              repair: bool = False, overwrite: bool = False, on_mismatch: str = "error", rank: int | None = None,
+              world_size: int | None = None, encoder: MultiPromptTextEncoder | None = None) -> dict[str, Any]:
     """Cache (or resume caching) this rank's shards; returns a summary. `encoder`: use this one instead of
-    building it from `text_encoder` (tests pass tiny models)."""
+    building it from `text_encoder` (tests pass tiny models). `embed_dim` (model.embed_dim) only sizes the heads,
+    which the cache never runs."""
     p.validate()
     if on_mismatch not in MISMATCH:
         raise ValueError(f"on_mismatch must be one of {MISMATCH}, got {on_mismatch!r}")
@@ -254,11 +255,11 @@ def run_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, repair: bool =
     # The ranks share no process group: rank 0 takes the folder's lock (the one a single process takes), rank r > 0
     # a lock of its own, so a second launch fails at its rank 0 at once.
     with output_lock(p.output_dir, "campe cache", part=f"rank{rank}" if rank else ""):
-        return _cache(p, text_encoder, repair, overwrite, on_mismatch, rank, world_size, encoder)
+        return _cache(p, text_encoder, embed_dim, repair, overwrite, on_mismatch, rank, world_size, encoder)
 
 
-def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwrite: bool, on_mismatch: str,
-           rank: int, world_size: int, encoder: MultiPromptTextEncoder | None) -> dict[str, Any]:
+def _cache(p: CacheParams, text_encoder: MultiPromptConfig, embed_dim: int, repair: bool, overwrite: bool,
+           on_mismatch: str, rank: int, world_size: int, encoder: MultiPromptTextEncoder | None) -> dict[str, Any]:
     threads = _threads(p.threads)
     torch.set_num_threads(threads)
     out = Path(p.output_dir)
@@ -268,7 +269,7 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwr
                          f"`campe download` first or set cache.shards_dir")
     device = _device(p.device)
     if encoder is None:
-        encoder = build_text_encoder(text_encoder)
+        encoder = build_text_encoder(text_encoder, embed_dim=embed_dim)
     encoder = encoder.to(device).eval()
     manifest = {**cache_manifest(encoder, p.dtype), "limit": p.limit, "shards_dir": str(p.shards_dir)}
 
@@ -367,16 +368,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stages.params import check_params  # here, not at the top: stages.params imports every stage
+    from stages.params import check_params, joint_embed_dim  # here, not at the top: it imports every stage
 
-    check_params(args.params)  # the whole file, before any work
+    data = check_params(args.params)  # the whole file, before any work
     overrides = {k: v for k, v in {"shards_dir": args.shards, "output_dir": args.out, "limit": args.limit,
                                    "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
                                    "threads": args.threads}.items() if v is not None}
     p = load_params(args.params, "cache", CacheParams, overrides)
     enc = load_params(args.params, "text_encoder", MultiPromptConfig)
     try:
-        summary = run_stage(p, enc, repair=args.repair, overwrite=args.overwrite, on_mismatch=args.on_mismatch)
+        summary = run_stage(p, enc, embed_dim=joint_embed_dim(data), repair=args.repair, overwrite=args.overwrite,
+                            on_mismatch=args.on_mismatch)
     except CacheError as e:
         print(f"campe cache: error: {e}", file=sys.stderr)
         return 1

@@ -61,11 +61,12 @@ def test_method_table_resolves_to_the_baselines():
         cfg = resolve_run_config({"model": TINY_MODEL, "text_encoder": {"k": 4, "defo_tokens": 8}, "loss": loss,
                                   "train": {"method": method}})
         if spec["text_encoder"] is None:
-            assert cfg.text_encoder is None and cfg.model.text_encoder == "vanilla"
+            assert cfg.text_encoder is None and cfg.model.text_tower_kind == "vanilla"
         else:
             for k, v in spec["text_encoder"].items():
                 assert getattr(cfg.text_encoder, k) == v, (method, k)
-            assert cfg.text_encoder.embed_dim == cfg.model.embed_dim == 64
+            assert cfg.model.text_tower_kind == "multiprompt" and cfg.model.embed_dim == 64
+            assert not hasattr(cfg.text_encoder, "embed_dim")  # D is the model's one field
         assert (cfg.loss.lambda_div > 0) == method.startswith("multi_prompt_div"), method
         assert (cfg.loss.lambda_neg > 0) == (method == "multi_prompt_div_neg"), method
     # The contrastive switch is loss.kind; the model's temperature/bias follow it.
@@ -85,6 +86,7 @@ def test_method_table_resolves_to_the_baselines():
     ({"model": {"contrastive": "softmax"}, "loss": {"kind": "sigmoid"}, "train": {"method": "vanilla"}},
      r"the switch is loss.kind"),
     ({"model": {"text_encoder": "vanilla"}, "train": {"method": "mean"}}, r"the method picks the text tower"),
+    ({"model": {"text_tower_kind": "vanilla"}, "train": {"method": "mean"}}, r"the method picks the text tower"),
     ({"text_encoder": {"embed_dim": 96}, "loss": {"lambda_div": 0.1, "lambda_neg": 0.1}},
      r"embed_dim 96 disagrees with model.embed_dim 384"),
     ({"text_encoder": {"k": 5}, "loss": {"lambda_div": 0.1, "lambda_neg": 0.1}},

@@ -131,7 +131,7 @@ def _resolve_model(cfg: RunConfig, source: Any, model: CLIPModel | None) -> tupl
     encoder = getattr(model.text, "encoder", model.text)
     resolved = {"name": "default", **dataclasses.asdict(model.cfg)}
     if cfg.text_encoder is not None:
-        resolved.update(text_encoder="multiprompt", text_tower_config=dataclasses.asdict(cfg.text_encoder))
+        resolved.update(text_tower_kind="multiprompt", text_tower_config=dataclasses.asdict(cfg.text_encoder))
     return model, resolved, encoder, mode
 
 
