@@ -474,3 +474,20 @@ def test_ddp_ranks_count_a_skip_alike_and_stop_together_past_the_fraction(damage
     errors = [(tmp_path / f"rank{r}.err").read_text() for r in (0, 1)]
     assert errors[0] == errors[1] and "train.max_skip_fraction=0.0" in errors[0] and sid in errors[0]
     assert not (tmp_path / "stop" / FINAL).exists()
+
+
+def test_a_run_config_saved_before_the_renames_resolves_to_the_same_run():
+    """train_config.json of a run from before D and the tower kind had one name each holds text_encoder.embed_dim
+    and model.text_encoder: it resolves to the same RunConfig and the same hashes (resume checks, ablation cells),
+    and the config saved now holds neither old key."""
+    loss = {"lambda_div": 0.2, "lambda_neg": 0.1}
+    for method in ("vanilla", "multi_prompt_div_neg"):
+        new = resolve_run_config({"model": TINY_MODEL, "text_encoder": {"k": 4}, "loss": loss,
+                                  "train": {"method": method}})
+        old = new.to_dict()
+        old["model"]["text_encoder"] = old["model"].pop("text_tower_kind")
+        if old["text_encoder"] is not None:
+            old["text_encoder"]["embed_dim"] = TINY_MODEL["embed_dim"]
+        again = resolve_run_config({k: old[k] or {} for k in ("text_encoder", "model", "loss", "train")})
+        assert again.to_dict() == new.to_dict() and again.hash() == new.hash(), method
+        assert "text_encoder" not in new.to_dict()["model"]
