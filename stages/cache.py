@@ -45,8 +45,8 @@ from campe.data.imageprep import (DEFAULT_MAX_SKIP_FRACTION, SHOWN_SKIPS, ImageD
 from campe.data.shards import image_bytes, sample_caption, shard_paths, shard_sample_count
 from campe.text.cache_manifest import (CACHE_DTYPES, CacheCorruptError, CacheError, CacheMismatchError, MANIFEST,
                                        MANIFEST_COMPARED, cache_manifest, manifest_differences)
-from campe.text.cache_shards import (ShardWriter, _pa, cache_shard_path, is_disk_full, iter_tar_samples,
-                                     remove_stale_temps, shard_meta, tar_source_digest, verify_cache_shard)
+from campe.text.cache_shards import (ShardWriter, cache_shard_path, is_disk_full, iter_tar_samples, remove_stale_temps,
+                                     shard_meta, tar_source_digest, truncated_rows, verify_cache_shard)
 from campe.text.cached_tower import LayoutMaker
 from campe.text.multiprompt import DEFAULT_EMBED_DIM, MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
 
@@ -199,13 +199,6 @@ def _cache_shard(encoder: MultiPromptTextEncoder, maker: LayoutMaker, tar: str, 
     return n
 
 
-def _truncated_rows(path: Path, meta: dict[str, Any]) -> int:
-    if "truncated" in meta:
-        return int(meta["truncated"])
-    _, pq = _pa()  # a shard cached before the count was kept: count its column
-    return int(pq.read_table(path, columns=["truncated"]).column("truncated").to_numpy().sum())
-
-
 def cache_summary(shards: list[str], shards_dir: str, out: Path) -> dict[str, Any]:
     """Over every finished cache shard: cached captions, captions truncated to text_encoder.max_length, and samples
     left out because their image does not decode (count and the first shard:key)."""
@@ -217,7 +210,7 @@ def cache_summary(shards: list[str], shards_dir: str, out: Path) -> dict[str, An
             continue
         meta = shard_meta(path)
         rows += int(meta.get("rows", 0))
-        truncated += _truncated_rows(path, meta)
+        truncated += truncated_rows(path, meta)
         keys = meta.get("undecodable", [])
         count += len(keys)
         first.extend(f"{tar}:{k}" for k in keys[:max(0, SHOWN_SKIPS - len(first))])
