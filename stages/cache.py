@@ -265,7 +265,23 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, embed_dim: int, repa
         encoder = build_text_encoder(text_encoder, embed_dim=embed_dim)
     encoder = encoder.to(device).eval()
     manifest = {**cache_manifest(encoder, p.dtype), "limit": p.limit, "shards_dir": str(p.shards_dir)}
+    _open_output(out, manifest, overwrite, on_mismatch, world_size)
 
+    plan = _Plan.make(shards, p, out, rank, world_size, repair)
+    written, nbytes, redone, seconds = _write_shards(encoder, plan, p, out, device, rank, world_size)
+    summary = _write_manifest_summary(out, manifest, shards, p.shards_dir)
+    todo, mine = plan.todo, plan.mine
+    return {**summary, "shards": len(shards), "rank": rank, "world_size": world_size, "shards_this_rank": len(mine),
+            "shards_written": len(todo), "shards_skipped": len(mine) - len(todo), "shards_redone": redone,
+            "captions_written": written, "seconds": round(seconds, 2),
+            "captions_per_s": round(written / seconds, 1) if written and seconds > 0 else 0.0,
+            "bytes_written": nbytes, "bytes_per_caption": round(nbytes / written, 1) if written else 0.0,
+            "threads": threads, "device": str(device), "output_dir": str(out)}
+
+
+def _open_output(out: Path, manifest: dict[str, Any], overwrite: bool, on_mismatch: str, world_size: int) -> None:
+    """Keep a cache made with the same settings, replace or refuse one made with others (and a folder this stage did
+    not write); then write the manifest (every rank writes the same content, atomically)."""
     if (overwrite or on_mismatch == "rebuild") and world_size > 1 and (out / MANIFEST).exists():
         found = json.loads((out / MANIFEST).read_text())
         if overwrite or manifest_differences(found, manifest, MANIFEST_COMPARED + ("dtype",)):
@@ -293,20 +309,40 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, embed_dim: int, repa
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MANIFEST, manifest)  # every rank writes the same content (atomic rename)
 
-    budgets = _budgets(shards, p.limit)
-    mine = [i for i in range(rank, len(shards), world_size) if budgets[i] is None or budgets[i] > 0]
-    states = {}
-    for i in mine:
-        path = cache_shard_path(shards[i], p.shards_dir, out)
-        remove_stale_temps(path)  # left by a killed run (only this rank touches its shards)
-        states[i] = _shard_state(path, shards[i], budgets[i], repair)
-    todo = [i for i in mine if states[i][0] == "todo"]
-    expected = lambda i: budgets[i] if budgets[i] is not None else shard_sample_count(shards[i])  # noqa: E731
-    total = sum(expected(i) for i in mine)
-    done_captions = sum(expected(i) for i in mine if i not in todo)
+
+@dataclass
+class _Plan:
+    """This rank's shards: `mine` (indices into `shards`), their caption budgets and states, and the `todo` ones."""
+    shards: list[str]
+    budgets: list[int | None]
+    mine: list[int]
+    states: dict[int, tuple[str, str]]
+    todo: list[int]
+
+    @classmethod
+    def make(cls, shards: list[str], p: CacheParams, out: Path, rank: int, world_size: int, repair: bool) -> _Plan:
+        budgets = _budgets(shards, p.limit)
+        mine = [i for i in range(rank, len(shards), world_size) if budgets[i] is None or budgets[i] > 0]
+        states = {}
+        for i in mine:
+            path = cache_shard_path(shards[i], p.shards_dir, out)
+            remove_stale_temps(path)  # left by a killed run (only this rank touches its shards)
+            states[i] = _shard_state(path, shards[i], budgets[i], repair)
+        return cls(shards, budgets, mine, states, [i for i in mine if states[i][0] == "todo"])
+
+    def expected(self, i: int) -> int:
+        return self.budgets[i] if self.budgets[i] is not None else shard_sample_count(self.shards[i])
+
+
+def _write_shards(encoder: MultiPromptTextEncoder, plan: _Plan, p: CacheParams, out: Path, device: torch.device,
+                  rank: int, world_size: int) -> tuple[int, int, list[str], float]:
+    """Cache the plan's todo shards; returns (captions written, bytes written, shards redone, seconds)."""
+    shards, todo = plan.shards, plan.todo
+    total = sum(plan.expected(i) for i in plan.mine)
+    done_captions = sum(plan.expected(i) for i in plan.mine if i not in todo)
     maker = LayoutMaker(encoder)
     skips = SkipCounter("campe cache", total, p.max_skip_fraction, "cache.max_skip_fraction")
-    for i in mine:
+    for i in plan.mine:
         if i not in todo:  # finished by an earlier run, which warned about them then
             meta = shard_meta(cache_shard_path(shards[i], p.shards_dir, out))
             skips.add_known([f"{shards[i]}:{k}" for k in meta.get("undecodable", [])])
@@ -315,12 +351,12 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, embed_dim: int, repa
     try:
         for i in todo:
             path = cache_shard_path(shards[i], p.shards_dir, out)
-            why = states[i][1]
+            why = plan.states[i][1]
             if why != "new":
                 print(f"campe cache: {path}: {why}", file=sys.stderr)
                 redone.append(str(path))
             try:
-                written += _cache_shard(encoder, maker, shards[i], path, budgets[i], p, device, bar, skips)
+                written += _cache_shard(encoder, maker, shards[i], path, plan.budgets[i], p, device, bar, skips)
             except OSError as e:
                 if is_disk_full(e):
                     kept = len(list(out.glob("pass-*/*.parquet")))
@@ -332,14 +368,7 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, embed_dim: int, repa
             nbytes += path.stat().st_size
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    summary = _write_manifest_summary(out, manifest, shards, p.shards_dir)
-    return {**summary, "shards": len(shards), "rank": rank, "world_size": world_size, "shards_this_rank": len(mine),
-            "shards_written": len(todo), "shards_skipped": len(mine) - len(todo), "shards_redone": redone,
-            "captions_written": written, "seconds": round(seconds, 2),
-            "captions_per_s": round(written / seconds, 1) if written and seconds > 0 else 0.0,
-            "bytes_written": nbytes, "bytes_per_caption": round(nbytes / written, 1) if written else 0.0,
-            "threads": threads, "device": str(device), "output_dir": str(out)}
+    return written, nbytes, redone, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
