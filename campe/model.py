@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +47,18 @@ from campe.towers import TextConfig, VanillaTextTransformer, VisionConfig, Visio
 
 VIDEO_POOLS = ("mean", "attn")
 CONTRASTIVE = ("softmax", "sigmoid")
-TEXT_ENCODERS = ("vanilla", "multiprompt", "external")
+TEXT_TOWERS = ("vanilla", "multiprompt", "external")
 TEXT_ALIASES = {"embedding": "text", "neg_embedding": "negated", "neg_segments": "negated_segments"}
 
 
 @dataclass
 class ModelConfig:
-    """Flat model config (one params.yaml section); vision_config() / text_config() give the towers' views."""
+    """Flat model config (one params.yaml section); vision_config() / text_config() give the towers' views.
+
+    embed_dim is the one joint dimension: the towers (and the multi-prompt encoder) get it as a build argument.
+    """
+    # Saved configs and params files from before the rename: model.text_encoder is text_tower_kind.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"text_encoder": "text_tower_kind"}
     # vision tower
     image_size: int = 64
     patch_size: int = 8
@@ -69,7 +74,7 @@ class ModelConfig:
     # joint embedding space
     embed_dim: int = 384  # D (the multi-prompt tower splits it into K parts of D/K)
     # text tower
-    text_encoder: str = "vanilla"  # vanilla (built here) | multiprompt / external (passed as build_model's text_tower)
+    text_tower_kind: str = "vanilla"  # vanilla (built here) | multiprompt / external (passed as build_model's text_tower)
     text_tokenizer: str = "minilm"  # vanilla: "minilm" (packaged all-MiniLM-L6-v2 tokenizer) or a local folder
     vocab_size: int = 0  # vanilla: 0 = the tokenizer's size
     context_length: int = 64
@@ -103,8 +108,8 @@ class ModelConfig:
             raise ValueError(f"video_pool '{self.video_pool}' is not one of: {', '.join(VIDEO_POOLS)}")
         if self.contrastive not in CONTRASTIVE:
             raise ValueError(f"contrastive '{self.contrastive}' is not one of: {', '.join(CONTRASTIVE)}")
-        if self.text_encoder not in TEXT_ENCODERS:
-            raise ValueError(f"text_encoder '{self.text_encoder}' is not one of: {', '.join(TEXT_ENCODERS)}")
+        if self.text_tower_kind not in TEXT_TOWERS:
+            raise ValueError(f"text_tower_kind '{self.text_tower_kind}' is not one of: {', '.join(TEXT_TOWERS)}")
         if self.vocab_size < 0:
             raise ValueError(f"vocab_size must be >= 0 (0 = from the tokenizer), got {self.vocab_size}")
         if self.max_logit_scale <= 0 or self.init_logit_scale > math.log(self.max_logit_scale):
@@ -118,7 +123,7 @@ class ModelConfig:
     def text_config(self, vocab_size: int, pad_id: int) -> TextConfig:
         return TextConfig(vocab_size=vocab_size, context_length=self.context_length, width=self.text_width,
                           layers=self.text_layers, heads=self.text_heads, mlp_ratio=self.text_mlp_ratio,
-                          embed_dim=self.embed_dim, pad_id=pad_id)
+                          pad_id=pad_id)
 
 
 # Named configs: overrides of the ModelConfig defaults.
@@ -238,12 +243,12 @@ def build_model(name: str = "default", text_tower: nn.Module | None = None, toke
     """
     if text_tower is not None and not isinstance(text_tower, nn.Module):
         raise ValueError(f"text_tower must be an nn.Module (the tower itself), got {text_tower!r}; the config field "
-                         f"naming the kind of text tower is text_encoder")
+                         f"naming the kind of text tower is text_tower_kind")
     cfg = resolve_config(name, **overrides)
     extra: dict[str, Any] = {}
     if text_tower is not None:
         kind = "multiprompt" if type(text_tower).__name__ == "MultiPromptTextEncoder" else "external"
-        cfg = dataclasses.replace(cfg, text_encoder=kind)
+        cfg = dataclasses.replace(cfg, text_tower_kind=kind)
         dim = _tower_embed_dim(text_tower)
         if dim is not None and dim != cfg.embed_dim:
             raise ValueError(f"text tower {type(text_tower).__name__} has embed_dim {dim} but the model config has "
@@ -251,8 +256,8 @@ def build_model(name: str = "default", text_tower: nn.Module | None = None, toke
         tower_cfg = getattr(text_tower, "cfg", None)
         if dataclasses.is_dataclass(tower_cfg):
             extra["text_tower_config"] = dataclasses.asdict(tower_cfg)
-    elif cfg.text_encoder != "vanilla":
-        raise ValueError(f"text_encoder '{cfg.text_encoder}' is built elsewhere: pass the tower, e.g. "
+    elif cfg.text_tower_kind != "vanilla":
+        raise ValueError(f"text_tower_kind '{cfg.text_tower_kind}' is built elsewhere: pass the tower, e.g. "
                          f"build_model({name!r}, text_tower=campe.text.multiprompt.build_text_encoder(...))")
     else:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.text_tokenizer)
@@ -264,19 +269,25 @@ def build_model(name: str = "default", text_tower: nn.Module | None = None, toke
     # Initialise from the config's seed without disturbing the caller's RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
-        vision = VisionTransformer(cfg.vision_config())
+        vision = VisionTransformer(cfg.vision_config(), cfg.embed_dim)
         if text_tower is None:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            text_tower = VanillaTextTransformer(cfg.text_config(cfg.vocab_size, pad), tokenizer)
+            text_tower = VanillaTextTransformer(cfg.text_config(cfg.vocab_size, pad), cfg.embed_dim, tokenizer)
         model = CLIPModel(vision, text_tower, cfg)
     return model, {"name": name, **dataclasses.asdict(cfg), **extra}
 
 
 def config_from_dict(resolved: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A resolved config dict (build_model / load_config) -> (name, ModelConfig field overrides)."""
+    """A resolved config dict (build_model / load_config) -> (name, ModelConfig field overrides). A config saved
+    before the rename names the text tower's kind `text_encoder`: it is read as text_tower_kind (the two must agree)."""
     d = dict(resolved)
     name = d.pop("name", "default")
-    d.pop("text_tower_config", None)
+    d.pop("text_tower_config", None)  # the passed tower's own config (its embed_dim, if an old one has it, is D)
+    for old, new in ModelConfig.RENAMED_KEYS.items():
+        if old in d:
+            value = d.pop(old)
+            if d.setdefault(new, value) != value:
+                raise ValueError(f"model config: {old} (the old name of {new}) is {value!r} but {new} is {d[new]!r}")
     return name, d
 
 
@@ -285,7 +296,7 @@ def build_model_from_config(resolved: dict[str, Any], text_tower: nn.Module | No
     """Rebuild the model a resolved config describes (same architecture, same initialisation)."""
     name, fields = config_from_dict(resolved)
     if text_tower is not None:
-        fields.pop("text_encoder", None)
+        fields.pop("text_tower_kind", None)
     return build_model(name, text_tower=text_tower, tokenizer=tokenizer, **fields)
 
 

@@ -1,7 +1,9 @@
 """The towers of campe.model: a ViT image/video tower with attention pooling and a vanilla CLIP text tower.
 
     from campe.towers import VisionTransformer, VanillaTextTransformer, VisionConfig, TextConfig
-    (built by campe.model.build_model from a ModelConfig; the LM text tower is campe.text.multiprompt)
+    vision = VisionTransformer(VisionConfig(), embed_dim=384)        # built by campe.model.build_model from a
+    text = VanillaTextTransformer(TextConfig(), embed_dim=384)       # ModelConfig; the LM tower: campe.text.multiprompt
+The joint dimension D is the model's one field (ModelConfig.embed_dim): each tower receives it as a build argument.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ class VisionConfig:
     layers: int = 4
     heads: int = 3
     mlp_ratio: float = 4.0
-    embed_dim: int = 384  # D
     frames: int = 8  # frames per video (the temporal attention pool has this many position embeddings)
     video_pool: str = "mean"  # mean | attn
     image_mean: float = 0.5
@@ -40,7 +41,6 @@ class TextConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
-    embed_dim: int = 384
     pad_id: int = 0
 
 
@@ -130,9 +130,10 @@ class VisionTransformer(nn.Module):
     forward(images [B,3,H,W]) -> [B,D] (unnormalised); the other entry points are below.
     """
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
+        self.embed_dim = embed_dim  # D
         self.grid = cfg.image_size // cfg.patch_size
         self.num_patches = self.grid * self.grid
         self.conv = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -141,7 +142,7 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(cfg.width)
         self.pool = AttentionPool(cfg.width, cfg.heads, cfg.mlp_ratio)
         # No bias: projection commutes with the temporal mean (video = projection of the mean frame feature).
-        self.proj = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         if cfg.video_pool == "attn":
             self.temporal_pos = nn.Parameter(torch.zeros(cfg.frames, cfg.width))
             self.temporal_pool = AttentionPool(cfg.width, cfg.heads, cfg.mlp_ratio)
@@ -228,16 +229,16 @@ class VanillaTextTransformer(nn.Module):
     last real token means the pad tokens after it never influence the output, so no padding mask is needed.
     """
 
-    def __init__(self, cfg: TextConfig, tokenizer: Any = None):
+    def __init__(self, cfg: TextConfig, embed_dim: int, tokenizer: Any = None):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.embed_dim = cfg.embed_dim
+        self.embed_dim = embed_dim  # D
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(cfg.width)
-        self.proj = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         _init_weights(self)
         nn.init.normal_(self.positional_embedding, std=0.01)
 

@@ -170,8 +170,7 @@ def cell_sections(ap: AblateParams, base: dict[str, dict], cell: Cell) -> dict[s
 def layout_key(text_encoder: Any) -> str:
     """Folder name of the cache a text-encoder config needs: cells with the same frozen-state layout share it."""
     d = dataclasses.asdict(text_encoder)
-    for k in ("embed_dim", "init_seed"):  # heads and APT init: not in the cached frozen states
-        d.pop(k)
+    d.pop("init_seed")  # APT and head init: not in the cached frozen states (nor is D, model.embed_dim)
     h = json_sha256(d)[:8]
     return f"{d['pooling']}{'-neg' if d['negation'] else ''}-{h}"
 
@@ -228,7 +227,7 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
             t0 = time.perf_counter()
             cp = from_dict(CacheParams, {**(base.get("cache") or {}), "shards_dir": cfg.train.shards_dir,
                                          "output_dir": str(cache_out)}, f"{where}:cache")
-            summary = cache_stage(cp, cfg.text_encoder, on_mismatch="rebuild")
+            summary = cache_stage(cp, cfg.text_encoder, embed_dim=cfg.model.embed_dim, on_mismatch="rebuild")
             caches_done.add(str(cache_out))
             timings["cache_s"] = round(time.perf_counter() - t0, 1)
             log(f"  cache {cache_out.name}: {summary['shards_written']} shards written, "

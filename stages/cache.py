@@ -45,10 +45,10 @@ from campe.data.imageprep import (DEFAULT_MAX_SKIP_FRACTION, SHOWN_SKIPS, ImageD
 from campe.data.shards import image_bytes, sample_caption, shard_paths, shard_sample_count
 from campe.text.cache_manifest import (CACHE_DTYPES, CacheCorruptError, CacheError, CacheMismatchError, MANIFEST,
                                        MANIFEST_COMPARED, cache_manifest, manifest_differences)
-from campe.text.cache_shards import (ShardWriter, _pa, cache_shard_path, is_disk_full, iter_tar_samples,
-                                     remove_stale_temps, shard_meta, tar_source_digest, verify_cache_shard)
+from campe.text.cache_shards import (ShardWriter, cache_shard_path, is_disk_full, iter_tar_samples, remove_stale_temps,
+                                     shard_meta, tar_source_digest, truncated_rows, verify_cache_shard)
 from campe.text.cached_tower import LayoutMaker
-from campe.text.multiprompt import MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
+from campe.text.multiprompt import DEFAULT_EMBED_DIM, MultiPromptConfig, MultiPromptTextEncoder, build_text_encoder
 
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
@@ -199,13 +199,6 @@ def _cache_shard(encoder: MultiPromptTextEncoder, maker: LayoutMaker, tar: str, 
     return n
 
 
-def _truncated_rows(path: Path, meta: dict[str, Any]) -> int:
-    if "truncated" in meta:
-        return int(meta["truncated"])
-    _, pq = _pa()  # a shard cached before the count was kept: count its column
-    return int(pq.read_table(path, columns=["truncated"]).column("truncated").to_numpy().sum())
-
-
 def cache_summary(shards: list[str], shards_dir: str, out: Path) -> dict[str, Any]:
     """Over every finished cache shard: cached captions, captions truncated to text_encoder.max_length, and samples
     left out because their image does not decode (count and the first shard:key)."""
@@ -217,7 +210,7 @@ def cache_summary(shards: list[str], shards_dir: str, out: Path) -> dict[str, An
             continue
         meta = shard_meta(path)
         rows += int(meta.get("rows", 0))
-        truncated += _truncated_rows(path, meta)
+        truncated += truncated_rows(path, meta)
         keys = meta.get("undecodable", [])
         count += len(keys)
         first.extend(f"{tar}:{k}" for k in keys[:max(0, SHOWN_SKIPS - len(first))])
@@ -241,11 +234,12 @@ def _write_manifest_summary(out: Path, manifest: dict[str, Any], shards: list[st
     return summary
 
 
-def run_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, repair: bool = False, overwrite: bool = False,
-              on_mismatch: str = "error", rank: int | None = None, world_size: int | None = None,
-              encoder: MultiPromptTextEncoder | None = None) -> dict[str, Any]:
+def run_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, embed_dim: int = DEFAULT_EMBED_DIM,
+              repair: bool = False, overwrite: bool = False, on_mismatch: str = "error", rank: int | None = None,
+              world_size: int | None = None, encoder: MultiPromptTextEncoder | None = None) -> dict[str, Any]:
     """Cache (or resume caching) this rank's shards; returns a summary. `encoder`: use this one instead of
-    building it from `text_encoder` (tests pass tiny models)."""
+    building it from `text_encoder` (tests pass tiny models). `embed_dim` (model.embed_dim) only sizes the heads,
+    which the cache never runs."""
     p.validate()
     if on_mismatch not in MISMATCH:
         raise ValueError(f"on_mismatch must be one of {MISMATCH}, got {on_mismatch!r}")
@@ -254,11 +248,11 @@ def run_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, repair: bool =
     # The ranks share no process group: rank 0 takes the folder's lock (the one a single process takes), rank r > 0
     # a lock of its own, so a second launch fails at its rank 0 at once.
     with output_lock(p.output_dir, "campe cache", part=f"rank{rank}" if rank else ""):
-        return _cache(p, text_encoder, repair, overwrite, on_mismatch, rank, world_size, encoder)
+        return _cache(p, text_encoder, embed_dim, repair, overwrite, on_mismatch, rank, world_size, encoder)
 
 
-def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwrite: bool, on_mismatch: str,
-           rank: int, world_size: int, encoder: MultiPromptTextEncoder | None) -> dict[str, Any]:
+def _cache(p: CacheParams, text_encoder: MultiPromptConfig, embed_dim: int, repair: bool, overwrite: bool,
+           on_mismatch: str, rank: int, world_size: int, encoder: MultiPromptTextEncoder | None) -> dict[str, Any]:
     threads = _threads(p.threads)
     torch.set_num_threads(threads)
     out = Path(p.output_dir)
@@ -268,10 +262,26 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwr
                          f"`campe download` first or set cache.shards_dir")
     device = _device(p.device)
     if encoder is None:
-        encoder = build_text_encoder(text_encoder)
+        encoder = build_text_encoder(text_encoder, embed_dim=embed_dim)
     encoder = encoder.to(device).eval()
     manifest = {**cache_manifest(encoder, p.dtype), "limit": p.limit, "shards_dir": str(p.shards_dir)}
+    _open_output(out, manifest, overwrite, on_mismatch, world_size)
 
+    plan = _Plan.make(shards, p, out, rank, world_size, repair)
+    written, nbytes, redone, seconds = _write_shards(encoder, plan, p, out, device, rank, world_size)
+    summary = _write_manifest_summary(out, manifest, shards, p.shards_dir)
+    todo, mine = plan.todo, plan.mine
+    return {**summary, "shards": len(shards), "rank": rank, "world_size": world_size, "shards_this_rank": len(mine),
+            "shards_written": len(todo), "shards_skipped": len(mine) - len(todo), "shards_redone": redone,
+            "captions_written": written, "seconds": round(seconds, 2),
+            "captions_per_s": round(written / seconds, 1) if written and seconds > 0 else 0.0,
+            "bytes_written": nbytes, "bytes_per_caption": round(nbytes / written, 1) if written else 0.0,
+            "threads": threads, "device": str(device), "output_dir": str(out)}
+
+
+def _open_output(out: Path, manifest: dict[str, Any], overwrite: bool, on_mismatch: str, world_size: int) -> None:
+    """Keep a cache made with the same settings, replace or refuse one made with others (and a folder this stage did
+    not write); then write the manifest (every rank writes the same content, atomically)."""
     if (overwrite or on_mismatch == "rebuild") and world_size > 1 and (out / MANIFEST).exists():
         found = json.loads((out / MANIFEST).read_text())
         if overwrite or manifest_differences(found, manifest, MANIFEST_COMPARED + ("dtype",)):
@@ -299,20 +309,40 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwr
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MANIFEST, manifest)  # every rank writes the same content (atomic rename)
 
-    budgets = _budgets(shards, p.limit)
-    mine = [i for i in range(rank, len(shards), world_size) if budgets[i] is None or budgets[i] > 0]
-    states = {}
-    for i in mine:
-        path = cache_shard_path(shards[i], p.shards_dir, out)
-        remove_stale_temps(path)  # left by a killed run (only this rank touches its shards)
-        states[i] = _shard_state(path, shards[i], budgets[i], repair)
-    todo = [i for i in mine if states[i][0] == "todo"]
-    expected = lambda i: budgets[i] if budgets[i] is not None else shard_sample_count(shards[i])  # noqa: E731
-    total = sum(expected(i) for i in mine)
-    done_captions = sum(expected(i) for i in mine if i not in todo)
+
+@dataclass
+class _Plan:
+    """This rank's shards: `mine` (indices into `shards`), their caption budgets and states, and the `todo` ones."""
+    shards: list[str]
+    budgets: list[int | None]
+    mine: list[int]
+    states: dict[int, tuple[str, str]]
+    todo: list[int]
+
+    @classmethod
+    def make(cls, shards: list[str], p: CacheParams, out: Path, rank: int, world_size: int, repair: bool) -> _Plan:
+        budgets = _budgets(shards, p.limit)
+        mine = [i for i in range(rank, len(shards), world_size) if budgets[i] is None or budgets[i] > 0]
+        states = {}
+        for i in mine:
+            path = cache_shard_path(shards[i], p.shards_dir, out)
+            remove_stale_temps(path)  # left by a killed run (only this rank touches its shards)
+            states[i] = _shard_state(path, shards[i], budgets[i], repair)
+        return cls(shards, budgets, mine, states, [i for i in mine if states[i][0] == "todo"])
+
+    def expected(self, i: int) -> int:
+        return self.budgets[i] if self.budgets[i] is not None else shard_sample_count(self.shards[i])
+
+
+def _write_shards(encoder: MultiPromptTextEncoder, plan: _Plan, p: CacheParams, out: Path, device: torch.device,
+                  rank: int, world_size: int) -> tuple[int, int, list[str], float]:
+    """Cache the plan's todo shards; returns (captions written, bytes written, shards redone, seconds)."""
+    shards, todo = plan.shards, plan.todo
+    total = sum(plan.expected(i) for i in plan.mine)
+    done_captions = sum(plan.expected(i) for i in plan.mine if i not in todo)
     maker = LayoutMaker(encoder)
     skips = SkipCounter("campe cache", total, p.max_skip_fraction, "cache.max_skip_fraction")
-    for i in mine:
+    for i in plan.mine:
         if i not in todo:  # finished by an earlier run, which warned about them then
             meta = shard_meta(cache_shard_path(shards[i], p.shards_dir, out))
             skips.add_known([f"{shards[i]}:{k}" for k in meta.get("undecodable", [])])
@@ -321,12 +351,12 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwr
     try:
         for i in todo:
             path = cache_shard_path(shards[i], p.shards_dir, out)
-            why = states[i][1]
+            why = plan.states[i][1]
             if why != "new":
                 print(f"campe cache: {path}: {why}", file=sys.stderr)
                 redone.append(str(path))
             try:
-                written += _cache_shard(encoder, maker, shards[i], path, budgets[i], p, device, bar, skips)
+                written += _cache_shard(encoder, maker, shards[i], path, plan.budgets[i], p, device, bar, skips)
             except OSError as e:
                 if is_disk_full(e):
                     kept = len(list(out.glob("pass-*/*.parquet")))
@@ -338,14 +368,7 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, repair: bool, overwr
             nbytes += path.stat().st_size
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    summary = _write_manifest_summary(out, manifest, shards, p.shards_dir)
-    return {**summary, "shards": len(shards), "rank": rank, "world_size": world_size, "shards_this_rank": len(mine),
-            "shards_written": len(todo), "shards_skipped": len(mine) - len(todo), "shards_redone": redone,
-            "captions_written": written, "seconds": round(seconds, 2),
-            "captions_per_s": round(written / seconds, 1) if written and seconds > 0 else 0.0,
-            "bytes_written": nbytes, "bytes_per_caption": round(nbytes / written, 1) if written else 0.0,
-            "threads": threads, "device": str(device), "output_dir": str(out)}
+    return written, nbytes, redone, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -367,16 +390,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stages.params import check_params  # here, not at the top: stages.params imports every stage
+    from stages.params import check_params, joint_embed_dim  # here, not at the top: it imports every stage
 
-    check_params(args.params)  # the whole file, before any work
+    data = check_params(args.params)  # the whole file, before any work
     overrides = {k: v for k, v in {"shards_dir": args.shards, "output_dir": args.out, "limit": args.limit,
                                    "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
                                    "threads": args.threads}.items() if v is not None}
     p = load_params(args.params, "cache", CacheParams, overrides)
     enc = load_params(args.params, "text_encoder", MultiPromptConfig)
     try:
-        summary = run_stage(p, enc, repair=args.repair, overwrite=args.overwrite, on_mismatch=args.on_mismatch)
+        summary = run_stage(p, enc, embed_dim=joint_embed_dim(data), repair=args.repair, overwrite=args.overwrite,
+                            on_mismatch=args.on_mismatch)
     except CacheError as e:
         print(f"campe cache: error: {e}", file=sys.stderr)
         return 1

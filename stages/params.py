@@ -57,15 +57,25 @@ def check_params(path: str | Path) -> dict[str, Any]:
 def _check_across(data: dict[str, Any], built: dict[str, Any], where: str) -> None:
     if "train" in data:  # a file that trains: resolve the run as `campe train` will (method, derived fields)
         resolve_run_config({k: data.get(k) for k in TRAIN_SECTIONS}, where)
-    elif "text_encoder" in data and "model" in data:  # the cache is made for a K that must divide embed_dim
-        from_dict(MultiPromptConfig, {**data["text_encoder"], "embed_dim": built["model"].embed_dim},
-                  f"{where}:text_encoder")
+    elif "text_encoder" in data:  # the cache is made for a K that must divide embed_dim
+        try:
+            built["text_encoder"].check_embed_dim(joint_embed_dim(data))
+        except ValueError as e:
+            raise ConfigError(f"{where}:text_encoder: {e}") from None
     if "download" in data and "model" in data:
         down, model, shards = built["download"], built["model"], built["train"].shards_dir
         if shards == down.output_dir and down.image_size != model.image_size:
             raise ConfigError(f"{where}: download.image_size is {down.image_size} but model.image_size is "
                               f"{model.image_size} and training reads those shards ({shards}); set both to the "
                               f"same size")
+
+
+def joint_embed_dim(data: dict[str, Any]) -> int:
+    """D of a params file: model.embed_dim (stated or its default). A file without a `model` section (one that only
+    caches) may still state the old text_encoder.embed_dim; it then sizes the multi-prompt heads."""
+    if "model" not in data and "embed_dim" in (data.get("text_encoder") or {}):
+        return data["text_encoder"]["embed_dim"]
+    return from_dict(ModelConfig, data.get("model"), "model", validate=False).embed_dim
 
 
 def write_schema(path: str | Path) -> Path:

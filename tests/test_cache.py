@@ -545,3 +545,8 @@ def test_truncated_captions_are_counted_in_the_manifest_and_printed(shards, tmp_
     assert f"{want} of 48 cached captions were longer than text_encoder.max_length=12 tokens" in captured.err
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["truncated_captions"] == want and manifest["cached_captions"] == 48
+    # A shard cached before the count was kept in its metadata: the count comes from its `truncated` column.
+    from campe.text.cache_shards import shard_meta, truncated_rows
+    paths = sorted((tmp_path / "cache").glob("pass-*/*.parquet"))
+    old = [{k: v for k, v in shard_meta(p).items() if k != "truncated"} for p in paths]
+    assert sum(truncated_rows(p, m) for p, m in zip(paths, old)) == sum(map(truncated_rows, paths)) == want

@@ -65,7 +65,7 @@ def test_aspect_weights_all_ones_equal_plain_and_need_segments(tiny_generated, v
     from campe.text.multiprompt import MultiPromptConfig, build_text_encoder
 
     _, root = tiny_generated
-    enc = build_text_encoder(MultiPromptConfig(k=4, embed_dim=128))
+    enc = build_text_encoder(MultiPromptConfig(k=4), embed_dim=128)
     model, _ = build_model("tiny", text_tower=enc, embed_dim=128)
     emb = Embedder(model, enc.layout, batch_size=16, progress=False)
     p = _params(root, tmp_path, aspect_weights=[1.0] * 4, video_sets={}, zero_shot_root="")

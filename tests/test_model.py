@@ -159,8 +159,10 @@ def test_factory_refuses_unknown_override_and_bad_values():
         build_model("tiny", video_pool="max")
     with pytest.raises(ValueError, match="unknown model config 'huge'"):
         build_model("huge")
-    with pytest.raises(ValueError, match="text_encoder 'multiprompt' is built elsewhere"):
-        build_model("tiny", text_encoder="multiprompt")  # that tower is passed in, not built here
+    with pytest.raises(ValueError, match="text_tower_kind 'multiprompt' is built elsewhere"):
+        build_model("tiny", text_tower_kind="multiprompt")  # that tower is passed in, not built here
+    with pytest.raises(ValueError, match="text_tower_kind 'multiprompt' is built elsewhere"):
+        build_model("tiny", text_encoder="multiprompt")  # the field's old name is still read
     with pytest.raises(ValueError, match="nn.Module"):
         build_model("tiny", text_tower="multiprompt")
     assert set(CONFIGS) >= {"tiny", "default"}
@@ -217,7 +219,7 @@ def test_external_text_tower_contract_and_full_objective():
     torch.manual_seed(0)
     tower = BagOfWordsPrompts()
     model, cfg = build_model("tiny", text_tower=tower)
-    assert cfg["text_encoder"] == "external" and model.text is tower
+    assert cfg["text_tower_kind"] == "external" and model.text is tower
     ids = torch.randint(0, 50, (3, 7))
     out = model(images=_images(3, 32), text=ids)
     assert out["text_features"].shape == (3, 64) and out["segments"].shape == (3, 4, 16)
@@ -242,9 +244,25 @@ def test_text_tower_with_wrong_output_is_refused():
 
 def test_model_classes_compose_by_hand():
     cfg = dataclasses.replace(ModelConfig(**CONFIGS["tiny"]), vocab_size=100)
-    vision = VisionTransformer(cfg.vision_config())
-    text = VanillaTextTransformer(cfg.text_config(vocab_size=100, pad_id=0))
+    vision = VisionTransformer(cfg.vision_config(), cfg.embed_dim)  # D: the model's one field, a build argument
+    text = VanillaTextTransformer(cfg.text_config(vocab_size=100, pad_id=0), cfg.embed_dim)
     model = CLIPModel(vision, text, cfg)
     out = model(images=_images(2, 32), text={"input_ids": torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]]),
                                              "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])})
     assert out["image_features"].shape == out["text_features"].shape == (2, cfg.embed_dim)
+
+
+def test_model_config_saved_before_the_renames_still_builds_the_same_model(tmp_path):
+    """model_config.json written before D and the tower kind got one name each: `text_encoder` (the tower kind) and
+    a text_tower_config holding embed_dim. It loads, maps text_encoder -> text_tower_kind, and builds the same
+    weights; a kind that disagrees with text_tower_kind is an error."""
+    from campe.model import config_from_dict
+    model, cfg = build_model("tiny", layers=1)
+    old = {k: v for k, v in cfg.items() if k != "text_tower_kind"} | {"text_encoder": "vanilla"}
+    save_config(old, tmp_path / "model_config.json")
+    again, cfg2 = build_model_from_config(load_config(tmp_path / "model_config.json"))
+    assert cfg2 == cfg
+    for (n, a), (m, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    with pytest.raises(ValueError, match="text_encoder \\(the old name of text_tower_kind\\)"):
+        config_from_dict({**cfg, "text_encoder": "external"})

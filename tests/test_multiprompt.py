@@ -284,9 +284,26 @@ def test_unknown_model_path_names_it_and_how_to_fix(tmp_path):
         resolve_model_path("someone/not-a-real-model")
 
 
+def test_k_must_divide_the_joint_dimension_given_at_build():
+    """D is model.embed_dim, a build argument: K prompts that do not split it are refused when the encoder is built."""
+    with pytest.raises(ValueError, match="embed_dim \\(384\\) must be a positive multiple of the number of prompts \\(5"):
+        build_text_encoder(k=5)  # D defaults to model.embed_dim's default, 384
+    with pytest.raises(ValueError, match="embed_dim \\(64\\) must be a positive multiple of the number of prompts \\(3"):
+        MultiPromptConfig(k=3).check_embed_dim(64)
+    MultiPromptConfig(k=4).check_embed_dim(64)
+
+
+def test_old_embed_dim_key_is_read_checked_and_dropped():
+    """Params files and saved runs from before D had one name state text_encoder.embed_dim: still read (typed
+    like a field), dropped from the section; the run config checks it against model.embed_dim."""
+    cfg = from_dict(MultiPromptConfig, {"k": 4, "embed_dim": 64}, "params.yaml:text_encoder")
+    assert cfg == MultiPromptConfig(k=4) and "embed_dim" not in dataclasses.asdict(cfg)
+    with pytest.raises(ConfigError, match="text_encoder.embed_dim: expected an integer"):
+        from_dict(MultiPromptConfig, {"embed_dim": "64"}, "params.yaml:text_encoder")
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"k": 0}, "k must be >= 1"),
-    ({"k": 5}, "embed_dim \\(384\\) must be a positive multiple"),
     ({"pooling": "cls"}, "pooling 'cls'"),
     ({"template": "the image means:"}, "template must contain '{apt}'"),
     ({"negation": True, "pooling": "mean"}, "negation needs a prompt template"),

@@ -61,11 +61,12 @@ def test_method_table_resolves_to_the_baselines():
         cfg = resolve_run_config({"model": TINY_MODEL, "text_encoder": {"k": 4, "defo_tokens": 8}, "loss": loss,
                                   "train": {"method": method}})
         if spec["text_encoder"] is None:
-            assert cfg.text_encoder is None and cfg.model.text_encoder == "vanilla"
+            assert cfg.text_encoder is None and cfg.model.text_tower_kind == "vanilla"
         else:
             for k, v in spec["text_encoder"].items():
                 assert getattr(cfg.text_encoder, k) == v, (method, k)
-            assert cfg.text_encoder.embed_dim == cfg.model.embed_dim == 64
+            assert cfg.model.text_tower_kind == "multiprompt" and cfg.model.embed_dim == 64
+            assert not hasattr(cfg.text_encoder, "embed_dim")  # D is the model's one field
         assert (cfg.loss.lambda_div > 0) == method.startswith("multi_prompt_div"), method
         assert (cfg.loss.lambda_neg > 0) == (method == "multi_prompt_div_neg"), method
     # The contrastive switch is loss.kind; the model's temperature/bias follow it.
@@ -85,6 +86,7 @@ def test_method_table_resolves_to_the_baselines():
     ({"model": {"contrastive": "softmax"}, "loss": {"kind": "sigmoid"}, "train": {"method": "vanilla"}},
      r"the switch is loss.kind"),
     ({"model": {"text_encoder": "vanilla"}, "train": {"method": "mean"}}, r"the method picks the text tower"),
+    ({"model": {"text_tower_kind": "vanilla"}, "train": {"method": "mean"}}, r"the method picks the text tower"),
     ({"text_encoder": {"embed_dim": 96}, "loss": {"lambda_div": 0.1, "lambda_neg": 0.1}},
      r"embed_dim 96 disagrees with model.embed_dim 384"),
     ({"text_encoder": {"k": 5}, "loss": {"lambda_div": 0.1, "lambda_neg": 0.1}},
@@ -472,3 +474,20 @@ def test_ddp_ranks_count_a_skip_alike_and_stop_together_past_the_fraction(damage
     errors = [(tmp_path / f"rank{r}.err").read_text() for r in (0, 1)]
     assert errors[0] == errors[1] and "train.max_skip_fraction=0.0" in errors[0] and sid in errors[0]
     assert not (tmp_path / "stop" / FINAL).exists()
+
+
+def test_a_run_config_saved_before_the_renames_resolves_to_the_same_run():
+    """train_config.json of a run from before D and the tower kind had one name each holds text_encoder.embed_dim
+    and model.text_encoder: it resolves to the same RunConfig and the same hashes (resume checks, ablation cells),
+    and the config saved now holds neither old key."""
+    loss = {"lambda_div": 0.2, "lambda_neg": 0.1}
+    for method in ("vanilla", "multi_prompt_div_neg"):
+        new = resolve_run_config({"model": TINY_MODEL, "text_encoder": {"k": 4}, "loss": loss,
+                                  "train": {"method": method}})
+        old = new.to_dict()
+        old["model"]["text_encoder"] = old["model"].pop("text_tower_kind")
+        if old["text_encoder"] is not None:
+            old["text_encoder"]["embed_dim"] = TINY_MODEL["embed_dim"]
+        again = resolve_run_config({k: old[k] or {} for k in ("text_encoder", "model", "loss", "train")})
+        assert again.to_dict() == new.to_dict() and again.hash() == new.hash(), method
+        assert "text_encoder" not in new.to_dict()["model"]

@@ -8,6 +8,12 @@ Each section is a plain dataclass (what the code passes around); `section_model(
 the JSON Schema. An unknown or misspelt key is an error naming the file, the section and the key (with a
 suggestion); a value of the wrong type is an error naming the key and the expected type. Nothing is silently
 ignored. The sections of a whole params file and the checks across them live with the stages (stages/params.py).
+
+Old keys (params files and saved runs written before a rename) stay readable: a section class may declare
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"old": "new_field"}        # the value goes to new_field (must agree)
+    DERIVED_KEYS: ClassVar[dict[str, tuple[type, str]]] = {"key": (int, "other.key")}   # lives in another section now
+Both are type-checked like fields; a derived key is dropped here and checked against where it lives by the checks
+across sections (campe.train.run_config, stages/params.py).
 """
 from __future__ import annotations
 
@@ -39,8 +45,22 @@ def section_model(cls: type) -> type[pydantic.BaseModel]:
             fields[f.name] = (hints[f.name], f.default)
         else:
             fields[f.name] = (hints[f.name], pydantic.Field(default_factory=f.default_factory))
+    for old, new in renamed_keys(cls).items():
+        fields[old] = (typing.Optional[hints[new]], pydantic.Field(None, description=f"old name of {new}"))
+    for key, (kind, lives) in derived_keys(cls).items():
+        fields[key] = (typing.Optional[kind], pydantic.Field(None, description=f"derived from {lives}; leave it out"))
     return pydantic.create_model(cls.__name__, __config__=pydantic.ConfigDict(extra="forbid", strict=True),
                                  __doc__=cls.__doc__, **fields)
+
+
+def renamed_keys(cls: type) -> dict[str, str]:
+    """Old key -> the field that replaced it (a section's RENAMED_KEYS)."""
+    return dict(getattr(cls, "RENAMED_KEYS", {}))
+
+
+def derived_keys(cls: type) -> dict[str, tuple[type, str]]:
+    """Key -> (type, where it lives now) for keys a section still accepts but no longer holds (DERIVED_KEYS)."""
+    return dict(getattr(cls, "DERIVED_KEYS", {}))
 
 
 def _suggest(key: str, known: Iterable[str]) -> str:
@@ -77,7 +97,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str, validate: b
     checks across its fields) unless validate=False."""
     data = dict(data or {})
     fields = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in fields]
+    renamed = renamed_keys(cls)
+    unknown = [k for k in data if k not in fields and k not in renamed and k not in derived_keys(cls)]
     if unknown:
         k = unknown[0]
         raise ConfigError(f"{where}: unknown key '{k}'{_suggest(k, fields)}. Known keys: {', '.join(sorted(fields))}.")
@@ -85,7 +106,14 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str, validate: b
         checked = section_model(cls).model_validate(_plain(data))
     except pydantic.ValidationError as e:
         raise ConfigError(_error_line(e.errors()[0], where)) from None
-    obj = cls(**{k: getattr(checked, k) for k in data})  # only the given keys: the dataclass defaults stay its own
+    values = {k: getattr(checked, k) for k in data if k in fields}  # only the given keys: the defaults stay its own
+    for old, new in renamed.items():
+        if old in data:
+            if new in values and values[new] != getattr(checked, old):
+                raise ConfigError(f"{where}: {old} (the old name of {new}) is {getattr(checked, old)!r} but {new} is "
+                                  f"{values[new]!r}; state only {new}")
+            values[new] = getattr(checked, old)
+    obj = cls(**values)
     if validate and hasattr(obj, "validate"):
         try:
             obj.validate()

@@ -187,31 +187,13 @@ def retrieval_ranks(img: torch.Tensor, txt: torch.Tensor, txt_to_img: torch.Tens
     rows = max(1, min(n, rows))
     t2i = txt_to_img
 
-    # Positives of each image as a padded [N, P] index table (padding repeats the first positive; `valid` marks real).
-    order = torch.argsort(t2i, stable=True)
-    counts = torch.bincount(t2i, minlength=n)
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
-    p_max = int(counts.max())
-    offs = torch.arange(p_max)
-    valid = offs[None, :] < counts[:, None]
-    pos_idx = order[(starts[:, None] + torch.where(valid, offs[None, :], 0))]
+    order, starts, ends, valid, pos_idx = _positive_table(t2i, n)
 
     # Absolute tie tolerances: per image query [N, 1] and per caption query [M].
     img_norm, txt_norm = img.norm(dim=1), txt.norm(dim=1)
     tie_i = (tie_tol * img_norm * txt_norm.max())[:, None]
     tie_t = tie_tol * txt_norm * img_norm.max()
-
-    # t2i window around each caption's tie threshold, from a row-wise dot product (chunked: bounded memory).
-    approx = torch.empty(m)
-    scale = torch.empty(m)
-    for a in range(0, m, 1 << 14):
-        b = min(m, a + (1 << 14))
-        approx[a:b] = (txt[a:b] * img[t2i[a:b]]).sum(1)
-        scale[a:b] = txt_norm[a:b] * img_norm[t2i[a:b]]
-    w = window * scale
-    thr = approx - tie_t if ties == "pessimistic" else approx + tie_t
-    lo, hi = thr - w, thr + w
+    approx, w, lo, hi = _t2i_window(img, txt, t2i, img_norm, txt_norm, tie_t, window, ties)
     c_lo = torch.zeros(m, dtype=torch.float64)  # negatives-or-positive with score >= lo
     c_hi = torch.zeros(m, dtype=torch.float64)  # ... with score > hi
     pos_exact = torch.empty(m)  # the positive's score as the matmul produced it
@@ -248,6 +230,36 @@ def retrieval_ranks(img: torch.Tensor, txt: torch.Tensor, txt_to_img: torch.Tens
         t2i_rank[idx] = _t2i_exact(img, txt[idx], t2i[idx], tie_t[idx], chunk or max(1, _AUTO_CHUNK_ELEMS // n),
                                    ties)
     return i2t, t2i_rank
+
+
+def _positive_table(t2i: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """Positives of each image as a padded [N, P] index table (padding repeats the first positive; `valid` [N, P]
+    marks the real ones). -> (order [M]: captions sorted by image, starts [N], ends [N] into order, valid, pos_idx)."""
+    order = torch.argsort(t2i, stable=True)
+    counts = torch.bincount(t2i, minlength=n)
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    p_max = int(counts.max())
+    offs = torch.arange(p_max)
+    valid = offs[None, :] < counts[:, None]
+    pos_idx = order[(starts[:, None] + torch.where(valid, offs[None, :], 0))]
+    return order, starts, ends, valid, pos_idx
+
+
+def _t2i_window(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, img_norm: torch.Tensor,
+                txt_norm: torch.Tensor, tie_t: torch.Tensor, window: float, ties: str) -> tuple[torch.Tensor, ...]:
+    """The t2i window around each caption's tie threshold, from a row-wise dot product (chunked: bounded memory).
+    -> (approx [M] positive scores, w [M] half-widths, lo [M], hi [M])."""
+    m = txt.shape[0]
+    approx = torch.empty(m)
+    scale = torch.empty(m)
+    for a in range(0, m, 1 << 14):
+        b = min(m, a + (1 << 14))
+        approx[a:b] = (txt[a:b] * img[t2i[a:b]]).sum(1)
+        scale[a:b] = txt_norm[a:b] * img_norm[t2i[a:b]]
+    w = window * scale
+    thr = approx - tie_t if ties == "pessimistic" else approx + tie_t
+    return approx, w, thr - w, thr + w
 
 
 def _summary(ranks: torch.Tensor, ks: Sequence[int], prefix: str) -> dict[str, float]:

@@ -237,66 +237,12 @@ def load_msrvtt(root: str | Path | None = None, policy: str = "1k-A", *, csv_pat
         video_root = base / "videos" / "all" if (base / "videos" / "all").is_dir() else base / "videos"
     vroot = Path(video_root)
 
-    video_ids: list[str] = []
-    captions: list[str] = []
-    txt_to_vid: list[int] = []
     if policy == "1k-A":
         ann = Path(csv_path) if csv_path is not None else _need(base, "MSRVTT_JSFUSION_test.csv", "csv_path")
-        if not ann.is_file():
-            raise FileNotFoundError(f"{ann}: MSR-VTT 1k-A test list (MSRVTT_JSFUSION_test.csv) not found")
-        pos: dict[str, int] = {}
-        try:
-            with open(ann, newline="") as f:
-                reader = csv.DictReader(f)
-                cols = reader.fieldnames or []
-                need = [c for c in ("video_id", "sentence") if c not in cols]
-                if need:
-                    raise AnnotationFormatError(
-                        f"{ann}: not a JSFUSION test list: missing column(s) {need} (found {cols[:6]}); expected a "
-                        f"csv with header key,vid_key,video_id,sentence")
-                for row in reader:
-                    vid, sent = row["video_id"], row["sentence"]
-                    if not vid or sent is None:
-                        raise AnnotationFormatError(f"{ann}: line {reader.line_num}: empty video_id or sentence")
-                    if vid not in pos:
-                        pos[vid] = len(video_ids)
-                        video_ids.append(vid)
-                    captions.append(sent.strip())
-                    txt_to_vid.append(pos[vid])
-        except UnicodeDecodeError as e:
-            raise AnnotationFormatError(f"{ann}: not a text csv ({e})") from None
+        video_ids, captions, txt_to_vid = _msrvtt_jsfusion(ann)
     else:
         ann = Path(json_path) if json_path is not None else _need(base, "MSRVTT_data.json", "json_path")
-        data = _read_json(ann, "MSRVTT_data.json (videos[].video_id/split, sentences[].caption/video_id/sen_id)")
-
-        def bad(msg: str) -> AnnotationFormatError:
-            return AnnotationFormatError(f"{ann}: not an MSRVTT_data.json: {msg} (expected videos[].video_id, "
-                                         f"videos[].split, sentences[].caption, sentences[].video_id)")
-
-        if not isinstance(data, dict) or not isinstance(data.get("videos"), list) \
-                or not isinstance(data.get("sentences"), list):
-            raise bad("no top-level 'videos' and 'sentences' lists")
-        for i, v in enumerate(data["videos"]):
-            if not isinstance(v, dict) or "video_id" not in v or "split" not in v:
-                raise bad(f"videos[{i}] lacks 'video_id' or 'split'")
-            if v["split"] == split:
-                video_ids.append(str(v["video_id"]))
-        if not video_ids:
-            raise ValueError(f"{ann}: no videos with split '{split}' "
-                             f"(splits in the file: {sorted({v['split'] for v in data['videos']})})")
-        by_vid: dict[str, list[tuple[int, int, str]]] = {v: [] for v in video_ids}
-        for i, s in enumerate(data["sentences"]):
-            if not isinstance(s, dict) or "caption" not in s or "video_id" not in s:
-                raise bad(f"sentences[{i}] lacks 'caption' or 'video_id'")
-            if s["video_id"] in by_vid:
-                by_vid[s["video_id"]].append((int(s.get("sen_id", i)), i, s["caption"]))
-        empty = [v for v in video_ids if not by_vid[v]]
-        if empty:
-            raise bad(f"{len(empty)} test video(s) have no sentence, e.g. {empty[:5]}")
-        for vi, vid in enumerate(video_ids):
-            for _, _, cap in sorted(by_vid[vid])[:max_captions]:
-                captions.append(cap.strip())
-                txt_to_vid.append(vi)
+        video_ids, captions, txt_to_vid = _msrvtt_data_json(ann, split, max_captions)
 
     paths = [str(vroot / f"{v}.mp4") for v in video_ids]
     keep = _filter_missing(paths, on_missing, ann, "videos", vroot, "video_root")
@@ -306,6 +252,76 @@ def load_msrvtt(root: str | Path | None = None, policy: str = "1k-A", *, csv_pat
     every = VideoTextSet(paths, captions, txt_to_vid, video_ids, skipped=keep.count(False), policy=policy,
                          extra={"annotation": str(ann)})
     return every.without([i for i, k in enumerate(keep) if not k])
+
+
+def _msrvtt_jsfusion(ann: Path) -> tuple[list[str], list[str], list[int]]:
+    """MSRVTT_JSFUSION_test.csv -> (video ids in first appearance order, captions (one per row), caption -> video)."""
+    video_ids: list[str] = []
+    captions: list[str] = []
+    txt_to_vid: list[int] = []
+    if not ann.is_file():
+        raise FileNotFoundError(f"{ann}: MSR-VTT 1k-A test list (MSRVTT_JSFUSION_test.csv) not found")
+    pos: dict[str, int] = {}
+    try:
+        with open(ann, newline="") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            need = [c for c in ("video_id", "sentence") if c not in cols]
+            if need:
+                raise AnnotationFormatError(
+                    f"{ann}: not a JSFUSION test list: missing column(s) {need} (found {cols[:6]}); expected a "
+                    f"csv with header key,vid_key,video_id,sentence")
+            for row in reader:
+                vid, sent = row["video_id"], row["sentence"]
+                if not vid or sent is None:
+                    raise AnnotationFormatError(f"{ann}: line {reader.line_num}: empty video_id or sentence")
+                if vid not in pos:
+                    pos[vid] = len(video_ids)
+                    video_ids.append(vid)
+                captions.append(sent.strip())
+                txt_to_vid.append(pos[vid])
+    except UnicodeDecodeError as e:
+        raise AnnotationFormatError(f"{ann}: not a text csv ({e})") from None
+    return video_ids, captions, txt_to_vid
+
+
+def _msrvtt_data_json(ann: Path, split: str, max_captions: int) -> tuple[list[str], list[str], list[int]]:
+    """MSRVTT_data.json -> (the videos of `split` in file order, their first max_captions sentences each in sen_id
+    order, caption -> video)."""
+    data = _read_json(ann, "MSRVTT_data.json (videos[].video_id/split, sentences[].caption/video_id/sen_id)")
+
+    def bad(msg: str) -> AnnotationFormatError:
+        return AnnotationFormatError(f"{ann}: not an MSRVTT_data.json: {msg} (expected videos[].video_id, "
+                                     f"videos[].split, sentences[].caption, sentences[].video_id)")
+
+    if not isinstance(data, dict) or not isinstance(data.get("videos"), list) \
+            or not isinstance(data.get("sentences"), list):
+        raise bad("no top-level 'videos' and 'sentences' lists")
+    video_ids: list[str] = []
+    for i, v in enumerate(data["videos"]):
+        if not isinstance(v, dict) or "video_id" not in v or "split" not in v:
+            raise bad(f"videos[{i}] lacks 'video_id' or 'split'")
+        if v["split"] == split:
+            video_ids.append(str(v["video_id"]))
+    if not video_ids:
+        raise ValueError(f"{ann}: no videos with split '{split}' "
+                         f"(splits in the file: {sorted({v['split'] for v in data['videos']})})")
+    by_vid: dict[str, list[tuple[int, int, str]]] = {v: [] for v in video_ids}
+    for i, s in enumerate(data["sentences"]):
+        if not isinstance(s, dict) or "caption" not in s or "video_id" not in s:
+            raise bad(f"sentences[{i}] lacks 'caption' or 'video_id'")
+        if s["video_id"] in by_vid:
+            by_vid[s["video_id"]].append((int(s.get("sen_id", i)), i, s["caption"]))
+    empty = [v for v in video_ids if not by_vid[v]]
+    if empty:
+        raise bad(f"{len(empty)} test video(s) have no sentence, e.g. {empty[:5]}")
+    captions: list[str] = []
+    txt_to_vid: list[int] = []
+    for vi, vid in enumerate(video_ids):
+        for _, _, cap in sorted(by_vid[vid])[:max_captions]:
+            captions.append(cap.strip())
+            txt_to_vid.append(vi)
+    return video_ids, captions, txt_to_vid
 
 
 def _need(base: Path | None, name: str, arg: str) -> Path:

@@ -118,9 +118,24 @@ def generate(p: SynthParams, out_dir: str | Path) -> dict[str, Any]:
 def _generate_into(p: SynthParams, root: Path) -> dict[str, Any]:
     (root / "images").mkdir()
     (root / "urls").mkdir()
-    vid_dir = root / "msrvtt" / "videos"
-    vid_dir.mkdir(parents=True)
+    (root / "msrvtt" / "videos").mkdir(parents=True)
+    splits, urls = _generate_images(p, root)
+    vsplits, n_video_captions = _generate_videos(p, root)
+    summary = {
+        "generator_version": GENERATOR_VERSION,
+        "params": dataclasses.asdict(p),
+        "images": {s: n for s, n, _ in splits},
+        "image_captions": {s: len(r) for s, r in urls.items()},
+        "videos": {s: n for s, n in vsplits},
+        "video_captions": n_video_captions,
+    }
+    (root / "manifest.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
+
+def _generate_images(p: SynthParams, root: Path) -> tuple[list[tuple[str, int, int]], dict[str, list[dict]]]:
+    """Images of every split, dataset_karpathy.json and the URL lists; -> ([(split, images, captions each)],
+    split -> URL-list rows)."""
     karpathy: list[dict[str, Any]] = []
     urls: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
     sentid = 0
@@ -152,7 +167,12 @@ def _generate_into(p: SynthParams, root: Path) -> dict[str, Any]:
     (root / "dataset_karpathy.json").write_text(json.dumps({"dataset": "campe-synth", "images": karpathy}))
     for split, rows in urls.items():
         _write_parquet(rows, root / "urls" / f"{split}.parquet")
+    return splits, urls
 
+
+def _generate_videos(p: SynthParams, root: Path) -> tuple[list[tuple[str, int]], int]:
+    """Videos (msrvtt/videos), MSRVTT_data.json and the 1k-A-style test list; -> ([(split, videos)], captions)."""
+    vid_dir = root / "msrvtt" / "videos"
     videos, sentences_v, test_rows = [], [], []
     vsplits = [("train", p.train_videos), ("test", p.test_videos)]
     with _progress(p.train_videos + p.test_videos, "generate videos") as bar:
@@ -176,14 +196,4 @@ def _generate_into(p: SynthParams, root: Path) -> dict[str, Any]:
         w = csv.DictWriter(f, fieldnames=["key", "vid_key", "video_id", "sentence"])
         w.writeheader()
         w.writerows(test_rows)
-
-    summary = {
-        "generator_version": GENERATOR_VERSION,
-        "params": dataclasses.asdict(p),
-        "images": {s: n for s, n, _ in splits},
-        "image_captions": {s: len(r) for s, r in urls.items()},
-        "videos": {s: n for s, n in vsplits},
-        "video_captions": len(sentences_v),
-    }
-    (root / "manifest.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return vsplits, len(sentences_v)

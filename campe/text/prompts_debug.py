@@ -159,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
                             negated_template=args.negated_template, negation=args.negation,
                             defo_tokens=args.defo_tokens, max_length=args.max_length)
     heads = cfg.n_heads
-    cfg.embed_dim = args.embed_dim or heads * max(1, round(384 / heads))  # D only sizes the heads here
-    enc = build_text_encoder(cfg)
+    embed_dim = args.embed_dim or heads * max(1, round(384 / heads))  # D only sizes the heads here
+    enc = build_text_encoder(cfg, embed_dim=embed_dim)
     layout = enc.layout([args.caption])
     print(describe(enc, layout, tokens=args.tokens))
     render_mask(enc, layout, args.out)

@@ -45,14 +45,14 @@ def build_run_model(cfg: RunConfig, tower: str = "plain") -> tuple[CLIPModel, di
         model, resolved = build_model("default", **fields)
         return model, resolved, model.text
     from campe.text.multiprompt import build_text_encoder
-    encoder = build_text_encoder(cfg.text_encoder)
+    encoder = build_text_encoder(cfg.text_encoder, embed_dim=cfg.model.embed_dim)
     text_tower = encoder
     if tower != "plain":
         from campe.text.cached_tower import CachedTextTower
         text_tower = CachedTextTower(encoder, online=tower == "online")
-    fields.pop("text_encoder")
+    fields.pop("text_tower_kind")
     model, resolved = build_model("default", text_tower=text_tower, **fields)
-    resolved["text_encoder"] = "multiprompt"  # the cache wrapper is a view of the same tower
+    resolved["text_tower_kind"] = "multiprompt"  # the cache wrapper is a view of the same tower
     resolved["text_tower_config"] = dataclasses.asdict(cfg.text_encoder)
     return model, resolved, encoder
 

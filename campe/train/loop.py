@@ -62,7 +62,7 @@ from campe.train.distributed import (DistInfo, all_ranks_have, init_distributed,
 from campe.train.log import LOG_FILE, plot_loss_curve, read_log, write_log
 from campe.train.optim import lr_factor, make_optimizer
 from campe.train.run_config import RunConfig, TrainParams
-from campe.train.sources import CachedPairs, MemoryPairs, cache_available
+from campe.train.sources import CachedPairs, MemoryPairs
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -122,7 +122,7 @@ def _resolve_model(cfg: RunConfig, source: Any, model: CLIPModel | None) -> tupl
     """(model, resolved model config, text encoder, text-input mode). LM methods read the shards through
     campe.train.data (cached frozen states, or online); the vanilla tower and explicit sources take captions."""
     mode = "plain"
-    if source is None and cfg.text_encoder is not None and cache_available():
+    if source is None and cfg.text_encoder is not None:
         mode = "cached" if cfg.train.cache_dir else "online"
     if model is None:
         model, resolved, encoder = build_run_model(cfg, mode)
@@ -131,7 +131,7 @@ def _resolve_model(cfg: RunConfig, source: Any, model: CLIPModel | None) -> tupl
     encoder = getattr(model.text, "encoder", model.text)
     resolved = {"name": "default", **dataclasses.asdict(model.cfg)}
     if cfg.text_encoder is not None:
-        resolved.update(text_encoder="multiprompt", text_tower_config=dataclasses.asdict(cfg.text_encoder))
+        resolved.update(text_tower_kind="multiprompt", text_tower_config=dataclasses.asdict(cfg.text_encoder))
     return model, resolved, encoder, mode
 
 

@@ -8,6 +8,10 @@ and the resolved run config.
 (text tower pooling/negation, loss weights). The contrastive switch is `loss.kind` (softmax | sigmoid); the model's
 `contrastive` follows it. TRAIN_SECTIONS: the params sections one training run reads. `cfg.hash()` is the resolved
 config's hash (`runtime=False`: without the fields that may change between a run and its resume).
+
+The joint dimension is model.embed_dim alone (the text encoder gets it when it is built); model.text_tower_kind
+(vanilla | multiprompt) follows train.method. The old keys text_encoder.embed_dim and model.text_encoder are still
+read (params files, saved runs) and must agree.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ _NO_AUX = {"lambda_div": 0.0, "lambda_neg": 0.0}
 #   loss: weights forced to 0 for the terms the method leaves out.
 #   needs: loss weights that must be > 0 in the loss section (the method is that term).
 METHODS: dict[str, dict[str, Any]] = {
-    "vanilla": {"text_encoder": None, "model": {"text_encoder": "vanilla"}, "loss": _NO_AUX},
+    "vanilla": {"text_encoder": None, "model": {"text_tower_kind": "vanilla"}, "loss": _NO_AUX},
     "mean": {"text_encoder": {"pooling": "mean", "negation": False}, "loss": _NO_AUX},  # LM + mean pool
     "last_token": {"text_encoder": {"pooling": "last_token", "negation": False}, "loss": _NO_AUX},
     "single_prompt": {"text_encoder": {"pooling": "single_prompt", "negation": False}, "loss": _NO_AUX},
@@ -50,8 +54,7 @@ METHODS: dict[str, dict[str, Any]] = {
                              "loss": {}, "needs": ("lambda_div", "lambda_neg")},
 }
 # Fields of other sections that the run config derives (a section may state them only with the derived value).
-DERIVED = {("model", "contrastive"): "loss.kind", ("model", "text_encoder"): "train.method",
-           ("text_encoder", "embed_dim"): "model.embed_dim"}
+DERIVED = {("model", "contrastive"): "loss.kind", ("model", "text_tower_kind"): "train.method"}
 
 
 @dataclass
@@ -117,8 +120,8 @@ RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_wor
 class RunConfig:
     """Everything a training run needs, with the method's overrides applied.
 
-    text_encoder None = the vanilla text tower; model = ModelConfig fields (with text_encoder / contrastive /
-    embed_dim derived), validated.
+    text_encoder None = the vanilla text tower, else the multi-prompt encoder's section (its D is model.embed_dim);
+    model = ModelConfig fields (with text_tower_kind / contrastive derived), validated.
     """
     method: str
     text_encoder: MultiPromptConfig | None
@@ -136,8 +139,15 @@ class RunConfig:
                 "train": dataclasses.asdict(self.train)}
 
     def hash(self, runtime: bool = True) -> str:
-        """sha256 (12 hex) of the resolved config; runtime=False leaves out RUNTIME_FIELDS (resume check)."""
+        """sha256 (12 hex) of the resolved config; runtime=False leaves out RUNTIME_FIELDS (resume check).
+
+        Hashed in the layout of the config before D and the tower kind got one name each (text_encoder.embed_dim =
+        model.embed_dim, model.text_encoder = text_tower_kind): the same config keeps its hash, so checkpoints and
+        finished ablation cells written before still resume and are reused."""
         d = self.to_dict()
+        d["model"]["text_encoder"] = d["model"].pop("text_tower_kind")
+        if d["text_encoder"] is not None:
+            d["text_encoder"]["embed_dim"] = self.model.embed_dim
         if not runtime:
             d["train"] = {k: v for k, v in d["train"].items() if k not in RUNTIME_FIELDS}
         return json_sha256(d)[:12]
@@ -146,8 +156,8 @@ class RunConfig:
 def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = "params") -> RunConfig:
     """Raw params sections {"text_encoder", "model", "loss", "train"} (missing = defaults) -> RunConfig.
 
-    Applies METHODS[train.method]; derives model.contrastive from loss.kind, model.text_encoder from the method
-    and text_encoder.embed_dim from model.embed_dim (a section that states one of these must agree). Unknown keys,
+    Applies METHODS[train.method]; derives model.contrastive from loss.kind and model.text_tower_kind from the
+    method (a section that states one of these, or the old text_encoder.embed_dim, must agree). Unknown keys,
     wrong types and bad values are ConfigErrors naming `where`, the section and the key.
     """
     unknown = set(sections) - set(TRAIN_SECTIONS)
@@ -165,7 +175,7 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
     model_fields = {**raw["model"], **spec.get("model", {})}
     model_fields["contrastive"] = loss.kind
     if spec["text_encoder"] is not None:
-        model_fields["text_encoder"] = "multiprompt"
+        model_fields["text_tower_kind"] = "multiprompt"
     _check_derived(raw, model_fields, tp.method, where)
     model = from_dict(ModelConfig, model_fields, f"{where}:model")
     text = None
@@ -178,8 +188,12 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
                                   f"'{tp.method}' trains with {k}: {json.dumps(v)}; set text_encoder.{k} to that "
                                   f"(campe cache builds the cache from this section), or train online "
                                   f"(train.cache_dir: '' / --cache none)")
-        tfields = {**raw["text_encoder"], **spec["text_encoder"], "embed_dim": model.embed_dim}
-        text = from_dict(MultiPromptConfig, tfields, f"{where}:text_encoder (method '{tp.method}')")
+        where_text = f"{where}:text_encoder (method '{tp.method}')"
+        text = from_dict(MultiPromptConfig, {**raw["text_encoder"], **spec["text_encoder"]}, where_text)
+        try:
+            text.check_embed_dim(model.embed_dim)
+        except ValueError as e:
+            raise ConfigError(f"{where_text}: {e}") from None
     else:
         from_dict(MultiPromptConfig, raw["text_encoder"], f"{where}:text_encoder")  # still a valid section
     return RunConfig(tp.method, text, model, loss, tp)
@@ -190,10 +204,11 @@ def _check_derived(raw: dict[str, dict], model_fields: dict, method: str, where:
     if stated is not None and stated != model_fields["contrastive"]:
         raise ConfigError(f"{where}:model: contrastive '{stated}' disagrees with loss.kind "
                           f"'{model_fields['contrastive']}'; the switch is loss.kind (leave model.contrastive out)")
-    stated = raw["model"].get("text_encoder")
-    if stated is not None and (stated == "vanilla") != (method == "vanilla"):
-        raise ConfigError(f"{where}:model: text_encoder '{stated}' disagrees with method '{method}'; the method "
-                          f"picks the text tower (leave model.text_encoder out)")
+    for key in ("text_tower_kind", "text_encoder"):  # text_encoder: its old name
+        stated = raw["model"].get(key)
+        if stated is not None and (stated == "vanilla") != (method == "vanilla"):
+            raise ConfigError(f"{where}:model: {key} '{stated}' disagrees with method '{method}'; the method "
+                              f"picks the text tower (leave model.{key} out)")
     stated = raw["text_encoder"].get("embed_dim")
     want = model_fields.get("embed_dim", ModelConfig().embed_dim)
     if stated is not None and stated != want:

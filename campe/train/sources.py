@@ -147,10 +147,3 @@ class CachedPairs:
                 yield batch
             i += 1
 
-
-def cache_available() -> bool:
-    try:
-        import campe.train.data  # noqa: F401
-        return True
-    except ImportError:
-        return False
