@@ -65,7 +65,8 @@ async function search() {
   const mine = ++seq;
   const res = await getJSON("/api/search?" + params({top_k: $("topk").value}));
   if (mine !== seq) return;  // a newer query (a slider moved again) is on its way
-  if (res.error) { say(res.error); $("results").replaceChildren(); document.body.dataset.state = "error"; return; }
+  document.body.dataset.seq = mine;  // the answer to query `mine` is on the page (the tests wait for it)
+  if (res.error) { say(res.error); $("results").replaceChildren(); return; }
   say("");
   const figs = res.hits.map((h, r) => {
     const f = document.createElement("figure");
@@ -80,8 +81,6 @@ async function search() {
     return f;
   });
   $("results").replaceChildren(...figs);
-  document.body.dataset.state = "results";
-  document.body.dataset.seq = mine;
 }
 
 async function showMaps(hit, fig) {
