@@ -17,7 +17,7 @@ chromium:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	  else \
-	    echo "note: $(CHROMIUM) is missing: install Debian's chromium package (apt-get install chromium) for the browser tests"; \
+	    echo "note: $(CHROMIUM) is missing: the browser tests need Debian's chromium (apt-get install chromium)"; \
 	  fi; \
 	fi
 

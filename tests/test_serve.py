@@ -358,14 +358,20 @@ def test_bad_folders_and_models_are_one_clear_error(trained, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("model", "not a campe model (no model.pt and no train_config.json)"),
     ("images", "no images in this folder"),
+    ("port", "pass --port another port"),
 ])
-def test_bad_input_at_start_up_is_one_line_without_a_traceback(case, message, trained, tmp_path):
+def test_bad_input_at_start_up_is_one_line_without_a_traceback(case, message, trained, folder, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = ["--model", str(empty if case == "model" else trained), "--images", str(empty),
-            "--port", str(_free_port())]
-    r = subprocess.run([str(BIN / "campe"), "serve", *args], cwd=tmp_path, env=_env(), capture_output=True,
-                       text=True, timeout=300)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1] if case == "port" else _free_port()
+    model, images = (empty, folder) if case == "model" else (trained, empty)
+    args = ["--model", str(model), "--images", str(images), "--port", str(port)]
+    with busy:
+        r = subprocess.run([str(BIN / "campe"), "serve", *args], cwd=tmp_path, env=_env(), capture_output=True,
+                           text=True, timeout=300)
     assert r.returncode == 1, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("campe serve: error: ")

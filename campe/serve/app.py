@@ -42,13 +42,13 @@ def _weights(w: str) -> list[float] | None:
 
 def _maps_png(searcher, i: int, caption: str) -> str:
     """The per-APT maps of image i as a PNG data URL (campe.plots.aspect_maps_grid, as evaluation draws them)."""
-    from campe import plots
+    from campe.plots import aspect_maps_grid
 
     maps = searcher.maps(i, caption)  # [K, g, g]
     names = [f"APT-{k + 1}" for k in range(len(maps))]
     with tempfile.TemporaryDirectory(prefix="campe-serve-") as tmp:
         out = Path(tmp) / "maps.png"
-        plots.aspect_maps_grid(searcher.image_uint8(i)[None].numpy(), maps[None].numpy(), names, out)
+        aspect_maps_grid(searcher.image_uint8(i)[None].numpy(), maps[None].numpy(), names, out)
         return "data:image/png;base64," + base64.b64encode(out.read_bytes()).decode()
 
 
@@ -151,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
 
     model_dir, images, split = _defaults(args)
     _check_port(args.host, args.port)
+    paths = list_images(images, split)  # before the model: a wrong folder is said at once
     model = load_model(model_dir)
-    paths = list_images(images, split)
     print(f"campe serve: indexing {len(paths)} files of {images} with {model_dir}", file=sys.stderr)
     index = ImageIndex.load_or_build(model, model_dir, paths, args.index_dir, batch_size=args.batch_size,
                                      progress=os.environ.get("CAMPE_NO_PROGRESS") != "1")
