@@ -315,13 +315,14 @@ def test_searcher_scores_are_the_reweighted_similarity_and_bad_queries_are_query
             assert h.score == pytest.approx(sum(a * b for a, b in zip(w, h.parts)), abs=1e-5)
     maps = s.maps(hits[0].i, CAPTION)
     assert maps.shape == (K, 4, 4)  # 32 px / patch 8
-    # Each map's mean over the patches is <mean patch segment k, t_k>: the plain computation of the same thing.
+    # Map k at grid cell (r, c) is <segment k of patch r * 4 + c, segment k of the caption> (row-major patches).
     t = reference[2](CAPTION)
     with torch.no_grad():
         patches = model.encode_patches(load_images([s.index.paths[hits[0].i]], 32))[0]  # [P, D]
     for k in range(K):
         seg = slice(k * 16, (k + 1) * 16)
-        assert float(maps[k].mean()) == pytest.approx(float((patches[:, seg] @ t[seg]).mean()), abs=1e-5)
+        for p in range(16):
+            assert float(maps[k, p // 4, p % 4]) == pytest.approx(float(patches[p, seg] @ t[seg]), abs=1e-5)
     with pytest.raises(QueryError, match="query is empty"):
         s.search("  ")
     with pytest.raises(QueryError, match="not all zero"):
