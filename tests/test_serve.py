@@ -235,13 +235,23 @@ def test_search_then_a_slider_reranks_live_then_a_hit_shows_its_per_apt_maps(pag
         assert float(cells[2]) == (0.0 if k == moved else 1.0)
 
 
-def test_bad_queries_get_a_message_on_the_page_never_a_traceback(page):
+def test_bad_queries_get_a_message_on_the_page_never_a_traceback(page, server):
+    import json
+    import urllib.error
+
     pg = page
     _search(pg, "   ")
     assert "query is empty" in pg.inner_text("#message")
     assert pg.locator("figure.hit").count() == 0
     _search(pg, CAPTION)
     assert pg.locator("figure.hit").count() == 12 and pg.inner_text("#message") == ""
+    # The page's number field refuses 0 itself; the server says why to anyone who asks anyway.
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{server[0]}/api/search?q=a+circle&top_k=0", timeout=20)
+    assert e.value.code == 400 and "expected a whole number of hits" in json.loads(e.value.read())["error"]
+    pg.fill("#topk", "5")
+    _search(pg, CAPTION)
+    assert pg.locator("figure.hit").count() == 5 and pg.inner_text("#message") == ""
     for k in range(K):  # every weight at 0: no similarity left to rank by
         pg.locator(f"#w{k + 1}").press("Home")
     pg.wait_for_function("document.getElementById('message').textContent.includes('not all zero')", timeout=20_000)
@@ -285,6 +295,12 @@ def test_index_is_cached_beside_the_model_and_rebuilt_when_the_model_or_folder_c
     again = ImageIndex.load_or_build(model, trained, paths, progress=False)
     assert again.from_cache and again.key == first.key and torch.equal(again.embeddings, first.embeddings)
     assert again.paths == first.paths and again.skipped == first.skipped
+
+    # A folder where the index cannot be written: served anyway, with a warning naming it and the fix.
+    (tmp_path / "a_file").write_text("")
+    with pytest.warns(UserWarning, match=r"cannot cache the image index in .*a_file/x .*pass --index-dir"):
+        ro = ImageIndex.load_or_build(model, trained, paths, index_dir=tmp_path / "a_file" / "x", progress=False)
+    assert torch.equal(ro.embeddings, first.embeddings)
 
     # A changed folder (one more image) is indexed anew.
     grown = tmp_path / "grown"
@@ -331,6 +347,26 @@ def test_searcher_scores_are_the_reweighted_similarity_and_bad_queries_are_query
         s.search(CAPTION, [1.0] * 3)
     with pytest.raises(QueryError, match="no image 999"):
         s.maps(999, CAPTION)
+
+
+def test_a_model_without_aspect_segments_ranks_by_the_cosine_and_has_no_sliders_or_maps(folder):
+    from campe.model import build_model
+
+    torch.manual_seed(0)
+    model, _ = build_model("tiny")  # the vanilla text tower: no prompt segments
+    paths = [p for p in list_images(folder) if p.endswith(".jpg")]
+    with torch.no_grad():
+        img = model.eval().encode_image(load_images(paths, 32))
+        t = model.encode_text([CAPTION])["text"][0]
+    s = Searcher(model, ImageIndex(paths, img, [], "no-key", folder / "unused.pt"))
+    assert s.k is None
+    hits = s.search(CAPTION, None, top_k=5)
+    ref = {Path(p).name: float(v @ t) for p, v in zip(paths, img)}
+    assert_ranking([Path(paths[h.i]).name for h in hits], [h.score for h in hits], ref)
+    with pytest.raises(QueryError, match="no aspect segments: it takes no aspect weights"):
+        s.search(CAPTION, [1.0, 1.0])
+    with pytest.raises(QueryError, match="no aspect segments: there are no per-APT maps"):
+        s.maps(0, CAPTION)
 
 
 def test_bad_folders_and_models_are_one_clear_error(trained, tmp_path):

@@ -40,6 +40,18 @@ def _weights(w: str) -> list[float] | None:
         raise QueryError(f"aspect weights {w!r}: expected numbers separated by commas") from None
 
 
+def _top_k(value: str, default: int) -> int:
+    from campe.serve.index import QueryError
+
+    try:
+        k = int(value) if value.strip() else default
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise QueryError(f"top {value!r}: expected a whole number of hits, 1 or more")
+    return k
+
+
 def _maps_png(searcher, i: int, caption: str) -> str:
     """The per-APT maps of image i as a PNG data URL (campe.plots.aspect_maps_grid, as evaluation draws them)."""
     from campe.plots import aspect_maps_grid
@@ -62,7 +74,7 @@ def make_app(searcher, model: str, source: str, top_k: int = 12):
     from campe.serve.page import PAGE
 
     app = FastAPI(title="campe search", docs_url=None, redoc_url=None, openapi_url=None)
-    index = searcher.index
+    index, default_k = searcher.index, top_k
 
     def answer(fn: Callable[[], Any]):
         try:
@@ -83,9 +95,9 @@ def make_app(searcher, model: str, source: str, top_k: int = 12):
                 "skipped": [[Path(p).name, why] for p, why in index.skipped], "index_file": str(index.file)}
 
     @app.get("/api/search")
-    def search(q: str = "", w: str = "", top_k: int = top_k):
+    def search(q: str = "", w: str = "", top_k: str = ""):
         def run() -> dict:
-            hits = searcher.search(q, _weights(w), top_k)
+            hits = searcher.search(q, _weights(w), _top_k(top_k, default_k))
             return {"hits": [{"id": h.i, "name": Path(index.paths[h.i]).name, "score": h.score, "parts": h.parts}
                              for h in hits]}
         return answer(run)

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -146,9 +147,13 @@ class ImageIndex:
                                    f"read{first}; pass --images a folder of images") from None
         bad = {p for p, _ in skipped}
         kept = [str(p) for p in paths if str(p) not in bad]
-        with atomic_file(file) as f:
-            torch.save({"format": INDEX_FORMAT, "key": key, "paths": kept, "embeddings": embeddings,
-                        "skipped": [list(s) for s in skipped]}, f)
+        try:
+            with atomic_file(file) as f:
+                torch.save({"format": INDEX_FORMAT, "key": key, "paths": kept, "embeddings": embeddings,
+                            "skipped": [list(s) for s in skipped]}, f)
+        except OSError as e:  # a read-only model folder: serve anyway, index again next time
+            warnings.warn(f"cannot cache the image index in {file.parent} ({e.strerror or e}); it is rebuilt at "
+                          f"the next start (pass --index-dir a writable folder)", stacklevel=2)
         return cls(kept, embeddings, skipped, key, file)
 
 

@@ -66,7 +66,7 @@ async function search() {
   const res = await getJSON("/api/search?" + params({top_k: $("topk").value}));
   if (mine !== seq) return;  // a newer query (a slider moved again) is on its way
   document.body.dataset.seq = mine;  // the answer to query `mine` is on the page (the tests wait for it)
-  if (res.error) { say(res.error); $("results").replaceChildren(); return; }
+  if (res.error || !res.hits) { say(res.error || "the server gave no hits"); $("results").replaceChildren(); return; }
   say("");
   const figs = res.hits.map((h, r) => {
     const f = document.createElement("figure");
@@ -88,7 +88,7 @@ async function showMaps(hit, fig) {
   fig.classList.add("selected");
   const res = await getJSON(`/api/maps/${hit.id}?` + params({}));
   const box = $("maps");
-  if (res.error) { say(res.error); box.hidden = true; return; }
+  if (res.error || !res.png) { say(res.error || "the server gave no maps"); box.hidden = true; return; }
   say("");
   const h = document.createElement("h2");
   h.textContent = `per-APT maps: ${hit.name}`;
