@@ -281,7 +281,7 @@ def test_the_server_binds_127_0_0_1_by_default(server):
 # ------------------------------------------------------------------------------------------------ the library
 
 def test_index_is_cached_beside_the_model_and_rebuilt_when_the_model_or_folder_changes(trained, folder, reference,
-                                                                                          tmp_path):
+                                                                                          tmp_path, monkeypatch):
     trained = Path(shutil.copytree(trained, tmp_path / "models" / "campe"))  # no index beside it yet
     model = load_model(trained)
     paths = list_images(folder)
@@ -295,6 +295,11 @@ def test_index_is_cached_beside_the_model_and_rebuilt_when_the_model_or_folder_c
     again = ImageIndex.load_or_build(model, trained, paths, progress=False)
     assert again.from_cache and again.key == first.key and torch.equal(again.embeddings, first.embeddings)
     assert again.paths == first.paths and again.skipped == first.skipped
+    # From another working directory (paths given relative to it): the same index, the paths as given now.
+    monkeypatch.chdir(folder.parent)
+    rel = ImageIndex.load_or_build(model, trained, list_images(folder.name), progress=False)
+    assert rel.from_cache and rel.key == first.key and rel.paths == [f"{folder.name}/{Path(p).name}" for p in
+                                                                      first.paths]
 
     # A folder where the index cannot be written: served anyway, with a warning naming it and the fix.
     (tmp_path / "a_file").write_text("")

@@ -36,7 +36,7 @@ from campe.data.imageprep import ImageDecodeError
 from campe.embed import Embedder, aspect_maps, load_images
 from campe.train.checkpoint import FINAL, load_trained_model
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 MODEL_FILES = (FINAL, "train_config.json")
 
 
@@ -133,28 +133,30 @@ class ImageIndex:
             try:
                 saved = torch.load(file, map_location="cpu", weights_only=True)
                 if saved.get("key") == key and saved.get("format") == INDEX_FORMAT:
-                    return cls(list(saved["paths"]), saved["embeddings"], [tuple(s) for s in saved["skipped"]],
-                               key, file, from_cache=True)
+                    # Rows by position in the listing (the key covers it), so paths stay as given this time
+                    # (relative to this working directory), not as given when the index was made.
+                    return cls([str(paths[i]) for i in saved["kept"]], saved["embeddings"],
+                               [(str(paths[i]), why) for i, why in saved["skipped"]], key, file, from_cache=True)
             except Exception:  # noqa: BLE001 - an unreadable cache file is rebuilt, never trusted
                 pass
-        skipped: list[tuple[str, str]] = []
+        skipped: list[tuple[int, str]] = []  # (position in paths, reason)
         emb = Embedder(model, text_batch=lambda captions: captions, batch_size=batch_size, progress=progress)
         try:
-            embeddings = emb.images(list(paths), lambda i, path, why: skipped.append((path, _short(why))))
+            embeddings = emb.images(list(paths), lambda i, path, why: skipped.append((i, _short(why))))
         except ImageDecodeError:
-            first = f" (first: {Path(skipped[0][0]).name}: {skipped[0][1]})" if skipped else ""
+            first = f" (first: {Path(paths[skipped[0][0]]).name}: {skipped[0][1]})" if skipped else ""
             raise ImageSourceError(f"{Path(paths[0]).parent}: none of its {len(paths)} files is an image campe can "
                                    f"read{first}; pass --images a folder of images") from None
-        bad = {p for p, _ in skipped}
-        kept = [str(p) for p in paths if str(p) not in bad]
+        bad = {i for i, _ in skipped}
+        kept = [i for i in range(len(paths)) if i not in bad]
         try:
             with atomic_file(file) as f:
-                torch.save({"format": INDEX_FORMAT, "key": key, "paths": kept, "embeddings": embeddings,
-                            "skipped": [list(s) for s in skipped]}, f)
+                torch.save({"format": INDEX_FORMAT, "key": key, "kept": kept, "embeddings": embeddings,
+                            "skipped": [[i, why] for i, why in skipped]}, f)
         except OSError as e:  # a read-only model folder: serve anyway, index again next time
             warnings.warn(f"cannot cache the image index in {file.parent} ({e.strerror or e}); it is rebuilt at "
                           f"the next start (pass --index-dir a writable folder)", stacklevel=2)
-        return cls(kept, embeddings, skipped, key, file)
+        return cls([str(paths[i]) for i in kept], embeddings, [(str(paths[i]), why) for i, why in skipped], key, file)
 
 
 def _short(reason: str) -> str:
