@@ -6,8 +6,20 @@ STAMP  := $(VENV)/.campe-installed
 export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false \
        MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false DVC_NO_ANALYTICS=1
 
-.PHONY: setup repro test bench clean-venv
-setup: $(STAMP)
+.PHONY: setup repro test bench clean-venv chromium
+setup: $(STAMP) chromium
+
+# The browser tests (tests/test_serve.py) drive Debian's chromium (Playwright's own browser downloads are not
+# reachable): installed here where we can (root with apt-get, as on CI); elsewhere a note, and those tests skip.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else \
+	    echo "note: $(CHROMIUM) is missing: the browser tests need Debian's chromium (apt-get install chromium)"; \
+	  fi; \
+	fi
 
 # torch first, from the local CPU wheel; then uv resolves the rest with torch pinned, and drops the
 # `dataclasses` backport that img2dataset pulls (it breaks Prefect's server on Python 3.11).
@@ -22,7 +34,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/overrides.txt
 repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -6,6 +6,7 @@
     vid = emb.videos(mp4_paths)        # [N, D] from `frames` evenly sampled frames
     txt, seg = emb.texts(captions)     # [M, D], and [M, K, D/K] segments (None for towers without prompts)
     pat = emb.patches(paths)           # [N, P, D] per-patch embeddings (for per-aspect maps)
+    maps = aspect_maps(pat, txt_n, k)  # [N, K, g, g] per-APT maps: patch segment k . text segment k (txt_n [N, D])
 
 `text_batch` turns a list of captions into whatever the model's text tower takes (token ids for the vanilla tower,
 a prompt layout for the multi-prompt tower); the embedder does not need to know which.
@@ -48,6 +49,21 @@ def load_video(path: str, frames: int, size: int) -> torch.Tensor:
     """uint8 [frames, 3, size, size]: evenly sampled frames (campe.data.evaldata.sample_frames), each through
     preprocess_image."""
     return torch.stack([preprocess_image(f, size) for f in sample_frames(path, frames)])
+
+
+def aspect_maps(patches: torch.Tensor, txt: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-APT maps [B, K, g, g]: <patch segment k, text segment k> over the g x g patch grid, from patches
+    [B, P, D] (Embedder.patches) and one text embedding per image txt [B, D] (its K contiguous D/K segments, the
+    ones aspect re-weighting scales)."""
+    B, P, D = patches.shape
+    if txt.shape != (B, D) or D % k:
+        raise ValueError(f"aspect_maps: patches {tuple(patches.shape)} and text {tuple(txt.shape)} must share B and "
+                         f"D, and k={k} must divide D")
+    grid = int(round(P ** 0.5))
+    if grid * grid != P:
+        raise ValueError(f"aspect_maps: {P} patches do not form a square grid")
+    maps = torch.einsum("bpkd,bkd->bkp", patches.reshape(B, P, k, D // k), txt.reshape(B, k, D // k))
+    return maps.reshape(B, k, grid, grid)
 
 
 class Embedder:

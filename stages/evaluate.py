@@ -109,17 +109,14 @@ def _examples_grid(p: EvaluateParams, name: str, img: torch.Tensor, txt: torch.T
 def _aspect_maps(p: EvaluateParams, name: str, emb: Embedder, image_paths, captions, txt_to_img, txt: torch.Tensor,
                  k: int) -> Path:
     """Per prompt segment k: <patch embedding segment k, text segment k> over the patch grid of a few images."""
-    from campe.embed import load_images
+    from campe.embed import aspect_maps, load_images
 
     idx = list(range(min(p.examples, len(image_paths))))
     first_caption = {i: next(j for j, t in enumerate(txt_to_img) if t == i) for i in idx}
     patches = emb.patches([image_paths[i] for i in idx])  # [B, P, D]
-    B, P, D = patches.shape
-    t = txt[[first_caption[i] for i in idx]].view(B, k, D // k)
-    maps = torch.einsum("bpkd,bkd->bkp", patches.view(B, P, k, D // k), t)
-    grid = int(round(P ** 0.5))
+    maps = aspect_maps(patches, txt[[first_caption[i] for i in idx]], k)  # [B, K, g, g]
     images = load_images([image_paths[i] for i in idx], emb.image_size).permute(0, 2, 3, 1).numpy()
-    return plots.aspect_maps_grid(images, maps.view(B, k, grid, grid).numpy(), [f"APT-{i + 1}" for i in range(k)],
+    return plots.aspect_maps_grid(images, maps.numpy(), [f"APT-{i + 1}" for i in range(k)],
                                   Path(p.plots_dir) / f"{name}_aspect_maps.png")
 
 

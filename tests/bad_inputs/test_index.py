@@ -68,6 +68,13 @@ PROMISES: dict[str, str] = {
     "16-bit images are rescaled, not clipped": "test_imageprep.py::test_sixteen_bit_grey_is_rescaled_not_clipped",
     "a raw photo evaluated directly equals it after the download":
         "test_imageprep.py::test_a_raw_photo_evaluated_directly_equals_it_after_the_download",
+    # the search page (campe serve)
+    "campe serve: a model folder that is not a campe model, a folder with no images or a busy port is one line":
+        "test_serve.py::test_bad_input_at_start_up_is_one_line_without_a_traceback",
+    "campe serve: an empty query or all-zero aspect weights is a message on the page, never a traceback":
+        "test_serve.py::test_bad_queries_get_a_message_on_the_page_never_a_traceback",
+    "campe serve: files that are not images are left out of the index and named on the page":
+        "test_serve.py::test_search_then_a_slider_reranks_live_then_a_hit_shows_its_per_apt_maps",
     # reproducibility
     "two clones in different folders give the same lock hashes and model":
         "bad_inputs/test_clone_path.py::test_two_clones_in_different_folders_give_the_same_lock_hashes_and_model",

@@ -1,0 +1,1 @@
+"""`campe serve`: the search page (campe.serve.app) over a cached image index (campe.serve.index)."""
