@@ -21,11 +21,11 @@ TEMPLATES = ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a o
 @dataclass
 class PromptLearnParams:
     """params.yaml section `prompt_learn` (campe prompt-learn train|eval)."""
-    clip_path: str = "data/clip/tiny"  # a folder CLIPModel.from_pretrained loads (+ tokenizer, image processor)
+    clip_path: str = "data/clip"  # a folder CLIPModel.from_pretrained loads (+ tokenizer, image processor)
     data_root: str = "data/fewshot"  # CoOp layout: <data_root>/<dataset dir>/split_zhou_<Name>.json + images
     protocol: str = "base2new"  # base2new | cross (train a source on all classes; cross-dataset + DG targets)
-    datasets: list[str] = field(default_factory=lambda: ["Shapes"])  # base2new: each one in turn
-    source: str = "Shapes"  # cross: the source dataset
+    datasets: list[str] = field(default_factory=lambda: ["SynthNet"])  # base2new: each one in turn
+    source: str = "SynthNet"  # cross: the source dataset
     xd_targets: list[str] = field(default_factory=list)  # cross: other datasets, evaluated zero-shot (all classes)
     dg_targets: list[str] = field(default_factory=list)  # cross: shifted test sets of the source's classes
     methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))

@@ -100,8 +100,8 @@ def read_split(root: str | Path, name: str) -> Split:
                                  f"{part}[{i}]; each label needs one class name throughout the file (fix the file)")
             items.append(Datum(str(image_dir / path), label, cname))
         parts[part] = items
-    if not parts["train"] or not parts["test"]:
-        raise ValueError(f"{file}: the train and test lists must not be empty")
+    if not parts["test"]:
+        raise ValueError(f"{file}: the test list is empty; every dataset needs test images")
     return Split(name, file, image_dir, parts["train"], parts["val"], parts["test"],
                  json_sha256(data))
 
@@ -125,6 +125,9 @@ def sample_fewshot(items: list[Datum], shots: int, rng: random.Random) -> list[D
 def fewshot(split: Split, shots: int, seed: int, cache_dir: str | Path | None = None) -> tuple[list[Datum], list[Datum]]:
     """The seed's few-shot train (K per class) and val (min(K, 4) per class), cached as
     <cache_dir>/<Name>/shot_K-seed_S.json (a cache made from another version of the split file is remade)."""
+    if not split.train:
+        raise ValueError(f"{split.file}: the train list is empty, so this set can only be a test target (a "
+                         f"shifted set: put it in prompt_learn.dg_targets), not a dataset to train on")
     cache = Path(cache_dir) / split.name / f"shot_{shots}-seed_{seed}.json" if cache_dir else None
     if cache is not None and cache.is_file():
         try:
