@@ -62,7 +62,7 @@ def make_dataset(root: str | Path, name: str, n_classes: int = 6, per_class: int
     split: dict[str, list] = {"train": [], "val": [], "test": []}
     for label, cname in enumerate(names):
         colour = np.array(COLOURS[cname.split()[0]])
-        for part, count in (("train", per_class), ("val", 2), ("test", test_per_class)):
+        for part, count in (("train", per_class), ("val", 2 if per_class else 0), ("test", test_per_class)):
             for i in range(count):
                 rel = f"{cname.replace(' ', '_')}/{part}_{i}.png"
                 img = np.clip(rng.normal(0, 25, (size, size, 3)) + colour, 0, 255).astype(np.uint8)
