@@ -27,8 +27,8 @@ from campe.attriprompt.pool import PromptPool, QueryProjection, Retrieved
 def first_of_group(group: torch.Tensor, G: int) -> torch.Tensor:
     """group (B,) in 0..G-1 -> (G,) the first image of each group."""
     B = group.shape[0]
-    first = torch.full((G,), B, dtype=torch.long)
-    return first.scatter_reduce(0, group, torch.arange(B), reduce="amin")
+    first = torch.full((G,), B, dtype=torch.long, device=group.device)
+    return first.scatter_reduce(0, group, torch.arange(B, device=group.device), reduce="amin")
 
 
 @register("attriprompt")
@@ -73,12 +73,12 @@ class AttriPrompt(PromptMethod):
         B = vis.feat.shape[0]
         if not self.p.retrieval:
             text = self.backbone.encode_text(ct.ids, ct.eos, self.static_prompts())
-            return F.normalize(text, dim=-1), torch.zeros(B, dtype=torch.long), {}
+            return F.normalize(text, dim=-1), torch.zeros(B, dtype=torch.long, device=text.device), {}
         rs = self.retrieve(vis)
         prompts = {i: r.prompt if self.ctx is None else torch.cat([self.ctx[i][None].expand(B, -1, -1), r.prompt], 1)
                    for i, r in enumerate(rs)}
         index = torch.cat([r.index for r in rs], 1)  # (B, depth * N): the composition of each image
-        group = torch.arange(B)
+        group = torch.arange(B, device=index.device)
         if self.p.selection == "hard" and self.p.shared_passes:
             # images that retrieved the same entries at every block have identical prompts: one pass per class
             uniq, group = torch.unique(index, dim=0, return_inverse=True)

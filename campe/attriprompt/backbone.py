@@ -78,6 +78,10 @@ class HFCLIPBackbone(Backbone):
         self.eos_token_id = model.text_model.eos_token_id
         self.logit_scale = float(model.logit_scale.detach().exp())
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
     def train(self, mode: bool = True) -> "HFCLIPBackbone":
         return super().train(False)  # frozen: dropout etc. stay off whatever the caller asks
 
@@ -85,7 +89,7 @@ class HFCLIPBackbone(Backbone):
         """texts -> ids (C, L) padded to the longest, and the pooling index (C,)."""
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
-        ids = enc["input_ids"]
+        ids = enc["input_ids"].to(self.device)
         try:
             return ids, pooling_index(ids, self.eos_token_id)
         except ValueError as e:
@@ -133,7 +137,7 @@ class HFCLIPBackbone(Backbone):
                 x = self._insert(x.view(G, C, L, -1), prompts[i].to(x.dtype)).reshape(G * C, L, -1)
             x = layer(x, mask, is_causal=True)
         x = tm.final_layer_norm(x).view(G, C, L, -1)
-        pooled = x[:, torch.arange(C), eos]  # (G, C, d_t)
+        pooled = x[:, torch.arange(C, device=x.device), eos]  # (G, C, d_t)
         return self.model.text_projection(pooled)
 
     def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

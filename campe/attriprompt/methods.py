@@ -139,7 +139,7 @@ class ZeroShotCLIP(PromptMethod):
     trains = False
 
     def text_features(self, vis, ct):
-        return ct.t0[None], torch.zeros(vis.feat.shape[0], dtype=torch.long), {}
+        return ct.t0[None], torch.zeros(vis.feat.shape[0], dtype=torch.long, device=vis.feat.device), {}
 
 
 class CoOp(PromptMethod):
@@ -165,7 +165,7 @@ class CoCoOp(CoOp):
     def text_features(self, vis, ct):
         ctx = self.ctx[None] + self.meta_net(vis.feat)[:, None]  # (B, n_ctx, d_t)
         text = self.backbone.encode_text(ct.ids, ct.eos, {0: ctx})
-        return F.normalize(text, dim=-1), torch.arange(vis.feat.shape[0]), {}
+        return F.normalize(text, dim=-1), torch.arange(vis.feat.shape[0], device=vis.feat.device), {}
 
 
 def text_depth(bb: Backbone, p: PromptLearnParams) -> int:
