@@ -98,6 +98,7 @@ def test_hm_and_averages_against_a_hand_computed_case():
          {"seed": 3, "base_acc": 52, "novel_acc": 70}]
     sa, sb = seed_summary(a), seed_summary(b)
     assert sa["base_acc"]["mean"] == pytest.approx(80) and sa["base_acc"]["std"] == pytest.approx(2)
+    assert sa["base_acc"]["ci95"] == pytest.approx(4.303 * 2 / math.sqrt(3))
     assert sa["hm"] == pytest.approx(2 * 80 * 62 / 142)  # HM of the seed means, not the mean of HMs
     avg = dataset_average({"A": sa, "B": sb})
     assert avg["base_acc"] == pytest.approx(66) and avg["novel_acc"] == pytest.approx(66)

@@ -171,8 +171,16 @@ def hm(base: float, novel: float) -> float:
     return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
 
 
+# Student's t, 97.5th percentile, by degrees of freedom (the 95% interval of a mean over few seeds)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
 def _spread(xs: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+    """mean, sample std, n and the half-width of the 95% t-interval of the mean (0 for one value)."""
+    n = len(xs)
+    std = statistics.stdev(xs) if n > 1 else 0.0
+    ci = _T975.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else 0.0
+    return {"mean": statistics.fmean(xs), "std": std, "n": n, "ci95": ci}
 
 
 def seed_summary(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("base_acc", "novel_acc")) -> dict[str, Any]:
