@@ -201,6 +201,12 @@ def test_prompt_learn_train_eval_writes_metrics_and_mlflow_runs(project, capsys)
     assert again["base_acc"] == rows[("attriprompt", 1)]["base_acc"]
     assert again["novel_acc"] == rows[("attriprompt", 1)]["novel_acc"]
     assert len(client.search_runs([exp.experiment_id])) == 6  # eval logs into the cell's run
+    changed = _params(project, pool_size=5)  # a checkpoint of another config is refused, not half-loaded
+    capsys.readouterr()
+    assert cli.main(["prompt-learn", "eval", "--params", str(changed), "--methods", "attriprompt"]) == 1
+    assert "prompt_learner.pt: trained under another prompt_learn config" in capsys.readouterr().err
+    assert client.get_run(rows[("attriprompt", 1)]["mlflow_run_id"]).info.status == "FINISHED"
+    _params(project)  # the module's other tests use the original section
 
 
 def test_prompt_learn_cross_protocol_and_a_bad_dg_target(project, capsys):

@@ -25,11 +25,13 @@ from typing import Any, Callable
 
 import torch
 
+import campe.attriprompt.attri  # noqa: F401  (registers "attriprompt" in METHODS)
 from campe.attriprompt.backbone import Backbone, load_backbone
 from campe.attriprompt.config import PromptLearnParams
 from campe.attriprompt.fewshot import (Datum, classnames_of, dataset_average, fewshot, hm, read_split,
                                        seed_summary, subsample_classes)
-from campe.attriprompt.methods import ClassText, PromptMethod, VisionOut, build_method, class_text, vision_pass
+from campe.attriprompt.methods import (METHODS, ClassText, PromptMethod, VisionOut, build_method, class_text,
+                                       vision_pass)
 from campe.core.io import atomic_file, atomic_write_bytes, atomic_write_json, json_sha256
 
 # fields that do not change a run's result (where things go, which runs to do)
@@ -201,6 +203,18 @@ class Runner:
                              method=method, run_name=f"prompt-learn/{p.protocol}/{method}/{dataset}/seed{seed}")
         return Tracker(tp, run_id=run_id, config_hash=run_hash(p), base_dir=self.base_dir)
 
+    def checkpoint(self, name: str, dataset: str, seed: int) -> dict[str, torch.Tensor]:
+        """The saved prompt learner of a cell; refused when missing or trained under another config."""
+        p = self.p
+        ckpt = run_dir(p, name, dataset, seed) / "prompt_learner.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{ckpt}: no checkpoint; run `campe prompt-learn train` first")
+        saved = torch.load(ckpt, map_location=_device(p), weights_only=True)
+        if saved.get("run_hash") != run_hash(p):
+            raise ValueError(f"{ckpt}: trained under another prompt_learn config (hash {saved.get('run_hash')}, "
+                             f"now {run_hash(p)}); restore those params or train again with --force")
+        return saved["state"]
+
     def fit(self, name: str, dataset: str, seed: int, train: list[Datum], evaluate_only: bool, tracker) -> tuple:
         """The method trained on `train` (or loaded from its checkpoint) and its per-epoch rows."""
         p = self.p
@@ -208,21 +222,21 @@ class Runner:
         ckpt = run_dir(p, name, dataset, seed) / "prompt_learner.pt"
         rows: list[dict] = []
         if evaluate_only and method.trains:
-            if not ckpt.is_file():
-                raise FileNotFoundError(f"{ckpt}: no checkpoint; run `campe prompt-learn train` first")
-            method.load_state_dict(torch.load(ckpt, map_location=_device(p), weights_only=True))
+            method.load_state_dict(self.checkpoint(name, dataset, seed))
         elif method.trains:
             ct = class_text(self.bb, classnames_of(train), p.templates)
             rows = train_method(method, self.bb, train, ct, p, seed, lambda r: tracker.log_metrics([
                 {"step": r["epoch"], **{f"train/{k}": v for k, v in r.items() if k != "epoch"}}]))
             with atomic_file(ckpt) as f:
-                torch.save(method.state_dict(), f)
+                torch.save({"run_hash": run_hash(p), "state": method.state_dict()}, f)
         return method, rows
 
     def run(self, name: str, dataset: str, seed: int, evaluate_only: bool = False) -> dict[str, Any]:
         """One cell: train (or load), evaluate, write the metrics JSON and log the MLflow run."""
         from campe.core.tracking import flatten_config
         p = self.p
+        if evaluate_only and METHODS[name].trains:
+            self.checkpoint(name, dataset, seed)  # refuse before the cell's MLflow run is touched
         out = run_dir(p, name, dataset, seed)
         id_file = out / "mlflow_run_id.txt"
         run_id = id_file.read_text().strip() if evaluate_only and id_file.is_file() else None
