@@ -172,6 +172,10 @@ def layout_key(text_encoder: Any) -> str:
     d = dataclasses.asdict(text_encoder)
     for k in ("embed_dim", "init_seed"):  # heads and APT init: not in the cached frozen states
         d.pop(k)
+    for k in ("apt_entry", "apt_init_noise"):  # where the APT enters and its init: not in the frozen states either
+        d.pop(k)
+    if d["apt_placeholder"] == "shared":  # the default: the key a cache folder had before the switch existed
+        d.pop("apt_placeholder")
     h = json_sha256(d)[:8]
     return f"{d['pooling']}{'-neg' if d['negation'] else ''}-{h}"
 
