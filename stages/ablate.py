@@ -71,6 +71,7 @@ KINDS = ("softmax", "sigmoid")
 EVAL_SETS = ("image", "video", "zero_shot")
 SECTIONS = (*TRAIN_SECTIONS, "cache", "evaluate")
 CELL_FILE = "cell.json"
+FIDELITY_SET = "text_fidelity"  # the table section of the prompt diagnostics (can the K prompts differ at all?)
 # Metrics shown in the Markdown table of a retrieval set (the CSV has every metric of the eval records).
 TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
                  "v2t_R@1", "v2t_R@5", "v2t_R@10", "t2v_R@1", "t2v_R@5", "t2v_R@10", "rsum")
@@ -171,6 +172,10 @@ def layout_key(text_encoder: Any) -> str:
     """Folder name of the cache a text-encoder config needs: cells with the same frozen-state layout share it."""
     d = dataclasses.asdict(text_encoder)
     d.pop("init_seed")  # APT and head init: not in the cached frozen states (nor is D, model.embed_dim)
+    for k in ("apt_entry", "apt_init_noise"):  # where the APT enters and its init: not in the frozen states either
+        d.pop(k)
+    if d["apt_placeholder"] == "shared":  # the default: the key a cache folder had before the switch existed
+        d.pop("apt_placeholder")
     h = json_sha256(d)[:8]
     return f"{d['pooling']}{'-neg' if d['negation'] else ''}-{h}"
 
@@ -187,6 +192,14 @@ def _eval_params(ap: AblateParams, base: dict[str, dict], out: Path, where: str)
         e["zero_shot_root"] = ""
     p = from_dict(EvaluateParams, e, f"{where}:evaluate")
     return p
+
+
+def _fidelity(out: Path) -> dict[str, float]:
+    """The trained cell's prompt diagnostics (campe.text.diagnostics, in its metrics.json); {} without prompts."""
+    from campe.text.diagnostics import DIAGNOSTICS
+    path = out / "metrics.json"
+    m = json.loads(path.read_text()) if path.exists() else {}
+    return {k: m[k] for k in DIAGNOSTICS if k in m}
 
 
 def _eval_device(train_device: str) -> str:
@@ -257,6 +270,9 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
            "config_hash": config_hash, "steps": steps, "mlflow_run_id": run_id, "timings": timings,
            "metrics_files": {name: str(Path(ep.metrics_dir) / f"{name}.json") for name in results},
            "metrics": {name: r["record"]["metrics"] for name, r in results.items()}}
+    fidelity = _fidelity(out)
+    if fidelity:
+        rec["metrics"][FIDELITY_SET] = fidelity
     atomic_write_json(record_path, rec)
     return rec
 
@@ -310,10 +326,11 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _cell_text(r: dict[str, Any] | None) -> str:
+def _cell_text(r: dict[str, Any] | None, digits: int = 2) -> str:
     if r is None:
         return "-"
-    return f"{r['mean']:.2f}" if math.isnan(r["std"]) else f"{r['mean']:.2f} ± {r['std']:.2f}"
+    m, s = r["mean"], r["std"]
+    return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def table_markdown(rows: list[dict[str, Any]], ap: AblateParams, cells_done: int, cells_total: int) -> str:
@@ -329,15 +346,22 @@ def table_markdown(rows: list[dict[str, Any]], ap: AblateParams, cells_done: int
         sub = [r for r in rows if r["dataset"] == ds]
         names = list(dict.fromkeys(r["metric"] for r in sub))
         shown = [m for m in TABLE_METRICS if m in names] or [m for m in names if "rank" not in m]
-        lines += [f"## {ds}", "", "| method | loss | " + " | ".join(shown) + " | n | seeds |",
+        lines += [f"## {ds}", ""]
+        if ds == FIDELITY_SET:
+            lines += ["Can the K prompts differ at all (campe/text/diagnostics.py, trained model, 64 fixed val "
+                      "captions): mean pairwise cosine of the K pooled LM states (raw, and centred over the "
+                      "captions), the APTs' relative movement ||apt - apt0|| / ||apt0|| and their pairwise cosine.",
+                      ""]
+        lines += ["| method | loss | " + " | ".join(shown) + " | n | seeds |",
                   "|---|---|" + "---:|" * len(shown) + "---:|---|"]
         for v in dict.fromkeys(r["variant"] for r in sub):
             by = {r["metric"]: r for r in sub if r["variant"] == v}
             any_r = next(iter(by.values()))
             n = max(r["n"] for r in by.values())
             seeds = max((r["seeds"] for r in by.values()), key=len)
+            digits = 4 if ds == FIDELITY_SET else 2  # a cosine of 0.9999 vs 0.99 is the finding
             lines.append(f"| {any_r['method']} | {any_r['kind']} | "
-                         + " | ".join(_cell_text(by.get(m)) for m in shown)
+                         + " | ".join(_cell_text(by.get(m), digits) for m in shown)
                          + f" | {n} | {' '.join(map(str, seeds))} |")
         lines.append("")
     return "\n".join(lines)

@@ -146,6 +146,28 @@ def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
         assert cells[-2:] == ["2", "0 1"]
 
 
+def test_table_shows_each_prompt_cell_s_diagnostics_from_its_metrics_file(ran):
+    """The text_fidelity section: the prompt diagnostics of every multi-prompt cell (its metrics.json, written by
+    the train loop), mean ± std with 4 digits; vanilla has no prompts and no row."""
+    ap, _, _ = ran
+    vals = {}
+    for c in grid(ap):
+        m = json.loads((ablate.cell_dir(ap, c) / "metrics.json").read_text())
+        assert ("prompt_state_cosine" in m) == (c.method != "vanilla")
+        if c.method != "vanilla":
+            vals.setdefault(c.variant, []).append(m)
+    md = Path(ap.table_md).read_text()
+    section = md.split(f"## {ablate.FIDELITY_SET}\n", 1)[1].split("## ", 1)[0]
+    table = [ln for ln in section.splitlines() if ln.startswith("|")]
+    header = [h.strip() for h in table[0].strip("|").split("|")]
+    assert {"prompt_state_cosine", "prompt_state_cosine_centred", "apt_movement"} <= set(header)
+    rows = {ln.strip("|").split("|")[0].strip(): [x.strip() for x in ln.strip("|").split("|")] for ln in table[2:]}
+    assert set(rows) == {"multi_prompt_div_neg"}
+    for name, text in zip(header[2:-2], rows["multi_prompt_div_neg"][2:-2]):
+        xs = [m[name] for m in vals["multi_prompt_div_neg-softmax"]]
+        assert text == f"{statistics.fmean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
 def test_every_cell_is_an_mlflow_run_tagged_with_the_ablation(ran, base):
     from mlflow.tracking import MlflowClient
     ap, _, _ = ran

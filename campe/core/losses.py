@@ -17,6 +17,9 @@ Terms (img_i, txt_j L2-normalised, s = exp(logit_scale), b = logit_bias, z_ij = 
                     sigmoid: -(1/B) sum_ij log sigmoid(y_ij (z_ij + b)), y_ij = +1 if i == j else -1 (SigLIP).
   diversity_loss    lambda_div * mean over captions of the mean over the K(K-1)/2 prompt pairs of
                     relu(cos(seg_k, seg_l) - margin); margin=None uses the raw cosine (can go negative).
+                    div_space "heads" (the paper's form): seg_k = prompt k's head output, each in its own head's
+                    coordinates (near 0 at init whatever the prompts, so it hardly acts on them); "pooled": seg_k =
+                    prompt k's pooled LM state before the heads, one space shared by all prompts.
   negation_loss     lambda_neg * the negation-aware term, see `negation_loss`.
 
 Negation-aware, as implemented. For each caption the negated prompts ("the [APT-k] of the image does NOT mean:")
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 KINDS = ("softmax", "sigmoid")
+DIV_SPACES = ("heads", "pooled")  # where the diversity loss compares the prompts (see the module docstring)
 
 
 @dataclass
@@ -57,6 +61,7 @@ class LossConfig:
     lambda_neg: float = 0.0  # weight of the negation-aware loss (needs the negated prompts)
     neg_all_images: bool = False  # negated embeddings are negatives for every image, not only their own
     gather_with_grad: bool = True  # exact full-batch gradients across ranks (see campe/core/losses.py)
+    div_space: str = "heads"  # heads (per-prompt head outputs) | pooled (the pooled LM states before the heads)
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -65,6 +70,8 @@ class LossConfig:
             raise ValueError(f"lambda_div and lambda_neg must be >= 0, got {self.lambda_div}, {self.lambda_neg}")
         if self.div_margin is not None and not -1.0 <= self.div_margin < 1.0:
             raise ValueError(f"div_margin must be in [-1, 1) (a cosine) or null, got {self.div_margin}")
+        if self.div_space not in DIV_SPACES:
+            raise ValueError(f"div_space '{self.div_space}' is not one of: {', '.join(DIV_SPACES)}")
 
 
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -213,19 +220,20 @@ class CampeObjective(nn.Module):
     """Contrastive + lambda_div * diversity + lambda_neg * negation-aware, as a dict of named terms.
 
     forward(out) with `out` = CLIPModel.forward's dict: "image_features" [B,D], "text_features" [B,D],
-    "logit_scale" (exp'd), "logit_bias" (sigmoid), "segments" [B,K,D/K] (lambda_div > 0), "negated" [B,D]
-    (lambda_neg > 0). Returns {"contrastive_loss", "diversity_loss"?, "negation_loss"?} (weighted) plus detached
+    "logit_scale" (exp'd), "logit_bias" (sigmoid), "segments" [B,K,D/K] (lambda_div > 0; "pooled_hidden" [B,K,H]
+    with div_space pooled), "negated" [B,D] (lambda_neg > 0). Returns {"contrastive_loss", "diversity_loss"?, "negation_loss"?} (weighted) plus detached
     logs: logit_scale, temperature (= 1/logit_scale), logit_bias, positive_cosine (mean <img_i, txt_i>),
-    negative_cosine (mean <img_i, txt_j>, j != i, local batch), prompt_cosine (mean pairwise cosine between prompts,
-    unclipped), negated_cosine (mean <img_i, neg_i>), diversity_unweighted, negation_unweighted.
+    negative_cosine (mean <img_i, txt_j>, j != i, local batch), prompt_cosine (mean pairwise cosine between prompts
+    in div_space, unclipped), negated_cosine (mean <img_i, neg_i>), diversity_unweighted, negation_unweighted.
     """
 
     def __init__(self, kind: str = "softmax", lambda_div: float = 0.0, lambda_neg: float = 0.0,
                  div_margin: float | None = 0.0, neg_all_images: bool = False, rank: int = 0, world_size: int = 1,
-                 gather_with_grad: bool = True):
+                 gather_with_grad: bool = True, div_space: str = "heads"):
         super().__init__()
         LossConfig(kind=kind, lambda_div=lambda_div, div_margin=div_margin, lambda_neg=lambda_neg,
-                   neg_all_images=neg_all_images, gather_with_grad=gather_with_grad).validate()
+                   neg_all_images=neg_all_images, gather_with_grad=gather_with_grad, div_space=div_space).validate()
+        self.div_space = div_space
         self.kind, self.lambda_div, self.lambda_neg = kind, float(lambda_div), float(lambda_neg)
         self.div_margin, self.neg_all_images = div_margin, neg_all_images
         self.rank, self.world_size, self.gather_with_grad = rank, world_size, gather_with_grad
@@ -235,7 +243,7 @@ class CampeObjective(nn.Module):
     @classmethod
     def from_config(cls, cfg: LossConfig, rank: int = 0, world_size: int = 1) -> CampeObjective:
         return cls(cfg.kind, cfg.lambda_div, cfg.lambda_neg, cfg.div_margin, cfg.neg_all_images, rank, world_size,
-                   cfg.gather_with_grad)
+                   cfg.gather_with_grad, cfg.div_space)
 
     def _get(self, out: dict, key: str, why: str) -> torch.Tensor:
         v = out.get(key)
@@ -267,8 +275,9 @@ class CampeObjective(nn.Module):
             logs["logit_bias"] = bias
 
         if self.lambda_div > 0:
-            seg = self._get(out, "segments", "the diversity loss (lambda_div > 0): use the multi-prompt text tower "
-                                             "or set lambda_div to 0")
+            key = "segments" if self.div_space == "heads" else "pooled_hidden"
+            seg = self._get(out, key, "the diversity loss (lambda_div > 0): use the multi-prompt text tower "
+                                      "or set lambda_div to 0")
             raw = diversity_loss(seg, self.div_margin)
             terms["diversity_loss"] = self.lambda_div * raw
             logs["diversity_unweighted"] = raw

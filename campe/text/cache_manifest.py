@@ -34,7 +34,10 @@ CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Fields of the manifest that must match for a cache to be used; the others are informational.
 MANIFEST_COMPARED = ("format", "model_class", "model_hash", "model_revision", "tokenizer_hash", "pooling",
                      "template", "negated_template", "k", "negation", "max_length", "trainable_layers",
-                     "hidden_size", "model_dtype")
+                     "hidden_size", "model_dtype", "apt_placeholder")
+# Compared fields written only when they differ from these values (added after caches existed: a cache made with
+# the default carries no such key, so its manifest and its DVC hash stay the same).
+MANIFEST_DEFAULTS = {"apt_placeholder": "shared"}
 
 
 class CacheError(ValueError):
@@ -124,6 +127,7 @@ def cache_manifest(encoder: MultiPromptTextEncoder, dtype: str = "float16") -> d
         "hidden_size": lm.config.hidden_size,
         "model_dtype": cfg.dtype,
         "dtype": dtype,  # storage dtype; compared by the cache stage (one dtype per cache), not by training
+        **{k: getattr(cfg, k) for k, v in MANIFEST_DEFAULTS.items() if getattr(cfg, k) != v},
     }
 
 
@@ -143,7 +147,7 @@ def manifest_differences(found: dict[str, Any], expected: dict[str, Any],
     """'field (cache: x, params: y)' for each compared field that differs."""
     out = []
     for f in fields:
-        a, b = found.get(f), expected.get(f)
+        a, b = found.get(f, MANIFEST_DEFAULTS.get(f)), expected.get(f, MANIFEST_DEFAULTS.get(f))
         if f == "model_revision" and (a is None or b is None):
             continue  # local folders have no revision; the weights hash still decides
         if a != b:

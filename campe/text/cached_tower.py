@@ -185,7 +185,10 @@ class CachedTextTower(nn.Module):
                 raise ValueError("CachedTextTower(online=False) needs batch['hidden'] (cached states from "
                                  "open_training_data with a cache_dir); build it with online=True to run the frozen "
                                  "layers itself")
-            hidden = enc.frozen_hidden(layout, masks)  # no_grad inside
+            hidden = enc.entry_hidden(layout, masks)  # no_grad inside
+        elif enc.entry_layer != enc.start_layer:
+            raise ValueError("text_encoder.apt_entry 'input' sends gradients through the frozen layers, so cached "
+                             "states cannot be used: train online (train.cache_dir: '' / --cache none)")
         else:
             if hidden.shape[:2] != layout.input_ids.shape:
                 raise ValueError(f"batch['hidden'] is {list(hidden.shape)} but the layout is "
@@ -194,8 +197,8 @@ class CachedTextTower(nn.Module):
         h = enc.inject(hidden, layout)
         last = enc.num_layers - 1
         if not self.query_only:
-            return enc.pool(enc.run_layers(h, layout, enc.start_layer, enc.num_layers, masks), layout)
-        h = enc.run_layers(h, layout, enc.start_layer, last, masks)
+            return enc.pool(enc.run_layers(h, layout, enc.entry_layer, enc.num_layers, masks), layout)
+        h = enc.run_layers(h, layout, enc.entry_layer, last, masks)
         k = layout.pooled_positions.shape[1]
         positions = layout.pooled_positions
         if layout.neg_pooled_positions is not None:

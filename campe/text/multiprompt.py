@@ -24,13 +24,23 @@ in an encoder), and no real token attends to padding. So for a decoder LM the hi
 prompt i equals the one from running `caption + prompt_i` alone; K prompts cost one pass over L + K*P tokens instead
 of K passes over L + P tokens.
 
-Where the APT enters. The APT vectors replace the hidden state at the APT placeholder position at the *input of the
-first trainable layer* (`start_layer`): with all layers trainable that is the input embedding (for BERT: the output
-of the embedding block, positions included); with only the last layer trainable (the default) it is the frozen hidden
-state entering the last layer. Below `start_layer` the placeholder is an ordinary token (the tokenizer's [MASK], unk,
-pad or eos token), so the frozen layers' output does not depend on the APT vectors and can be computed once and
-cached; training then runs only layers start_layer..N-1 on the cache. Frozen modules stay in eval mode (no dropout)
-so that the cached states are the ones training would see.
+Where the APT enters (`apt_entry`). `first_trainable` (the default): the APT vectors replace the hidden state at the
+APT placeholder position at the *input of the first trainable layer* (`start_layer`): with all layers trainable that
+is the input embedding (for BERT: the output of the embedding block, positions included); with only the last layer
+trainable it is the frozen hidden state entering the last layer. Below `start_layer` the placeholder is an ordinary
+token, so the frozen layers' output does not depend on the APT vectors and can be computed once and cached; training
+then runs only layers start_layer..N-1 on the cache. `input`: the APT vectors replace the input embedding (layer 0's
+input) and the gradient flows through the frozen layers to them (`entry_layer` = 0): every layer runs forward and
+backward in every step, so it trains online only (no cache; bench/apt_entry.py measures the cost). Frozen modules
+stay in eval mode (no dropout) so that the cached states are the ones training would see.
+
+The placeholder (`apt_placeholder`). `shared` (the default): every prompt's placeholder below the entry layer is the
+same token (the tokenizer's [MASK], unk, pad or eos token), so with apt_entry first_trainable the K prompts enter the
+first trainable layer identical except for their APT vectors. `distinct`: prompt i's placeholder is its own token,
+the vocabulary's i-th reserved/unused token where it has them (BERT's [unused0].., Gemma's <unused0>.., Llama 3's
+<|reserved_special_token_0|>..; `reserved_tokens`); otherwise the placeholder token with its input embedding
+replaced by K fixed vectors drawn with a fixed seed from the statistics of the embedding matrix
+(`placeholder_embeds`). The cached states of the K prompts then differ; the single masked pass is still exact.
 
 Pooling: multi_prompt (last token of each prompt -> per-prompt linear head to D/K -> concatenate -> L2-normalise),
 single_prompt (the same with K=1), last_token (caption's last token), mean (mean over caption tokens), defo (caption
@@ -57,6 +67,12 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa")  # the ones that take a custom 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 APT = "{apt}"
 DEFAULT_EMBED_DIM = 384  # build_text_encoder's D when none is given: the default of model.embed_dim
+APT_PLACEHOLDERS = ("shared", "distinct")
+APT_ENTRIES = ("first_trainable", "input")
+# Reserved/unused vocabulary entries, tried in this order; `distinct` takes entries 0..K-1 of the first pattern that
+# has them all (BERT/WordPiece, Gemma, Llama 3, T5-style sentinels).
+RESERVED_TOKEN_PATTERNS = ("[unused{}]", "<unused{}>", "<|reserved_special_token_{}|>", "<extra_id_{}>")
+PLACEHOLDER_SEED = 1234  # the fallback's fixed placeholder embeddings: never the init seed (they are cached)
 
 
 @dataclass
@@ -78,6 +94,9 @@ class MultiPromptConfig:
     attn_implementation: str = "auto"  # auto | eager | sdpa
     dtype: str = "float32"  # float32 | bfloat16 | float16
     init_seed: int = 0  # seeds the APT and head initialisation
+    apt_placeholder: str = "shared"  # shared | distinct: the token under each APT below the entry layer (see above)
+    apt_entry: str = "first_trainable"  # first_trainable (cacheable) | input (gradients through the frozen layers)
+    apt_init_noise: float = 0.02  # APT i starts at its placeholder's state at the entry layer + this x its std noise
 
     @property
     def n_prompts(self) -> int:
@@ -115,6 +134,13 @@ class MultiPromptConfig:
                              f"only padding masks); use one of: {', '.join(ATTN_IMPLEMENTATIONS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype '{self.dtype}' is not one of: {', '.join(DTYPES)}")
+        if self.apt_placeholder not in APT_PLACEHOLDERS:
+            raise ValueError(f"apt_placeholder '{self.apt_placeholder}' is not one of: {', '.join(APT_PLACEHOLDERS)}")
+        if self.apt_entry not in APT_ENTRIES:
+            raise ValueError(f"apt_entry '{self.apt_entry}' is not one of: {', '.join(APT_ENTRIES)}")
+        if not 0.0 <= self.apt_init_noise <= 10.0:
+            raise ValueError(f"apt_init_noise must be in [0, 10] (noise std relative to the placeholder state's "
+                             f"std), got {self.apt_init_noise}")
 
     def check_embed_dim(self, embed_dim: int) -> None:
         """D = model.embed_dim is split into D / n_heads per prompt: it must be a positive multiple of n_heads."""
@@ -168,14 +194,18 @@ class MultiPromptTextEncoder(nn.Module):
         self.placeholder_id = next(i for i in (getattr(tok, "mask_token_id", None), tok.unk_token_id,
                                                 tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
         p = cfg.n_prompts
+        reserved = reserved_tokens(tok, p) if cfg.apt_placeholder == "distinct" else None
+        # prompt i's placeholder token (the negated prompt i uses prompt i's)
+        self.placeholder_ids = reserved or [self.placeholder_id] * p
         if cfg.pooling == "defo":
-            prompts, offsets = [[self.placeholder_id]] * p, [0] * p
+            prompts, offsets = [[t] for t in self.placeholder_ids], [0] * p
         else:
             ids, off = self._template_ids(cfg.template)
-            prompts, offsets = [ids] * p, [off] * p
+            prompts, offsets = [ids[:off] + [t] + ids[off + 1:] for t in self.placeholder_ids], [off] * p
             if cfg.negation:
                 nids, noff = self._template_ids(cfg.negated_template)
-                prompts, offsets = prompts + [nids] * p, offsets + [noff] * p
+                prompts += [nids[:noff] + [t] + nids[noff + 1:] for t in self.placeholder_ids]
+                offsets += [noff] * p
         self.prompt_ids, self.apt_offsets = prompts, offsets
         longest = cfg.max_length + max((len(x) for x in prompts), default=0) + self._pos_offset
         max_pos = getattr(c, "max_position_embeddings", None)
@@ -184,7 +214,15 @@ class MultiPromptTextEncoder(nn.Module):
                              f"the model has {max_pos}; lower max_length")
 
         h, dtype, device = c.hidden_size, self._dtype, next(lm.parameters()).device
+        # The fallback of `distinct` without reserved tokens: fixed input embeddings of the K placeholders
+        # (a buffer rebuilt from PLACEHOLDER_SEED, not saved: it is part of the frozen model, like its weights).
+        fallback = cfg.apt_placeholder == "distinct" and reserved is None and p > 0
+        self.register_buffer("placeholder_embeds", _seeded_embeddings(lm, p) if fallback else None, persistent=False)
+        self.entry_layer = 0 if cfg.apt_entry == "input" else self.start_layer
         self.apt = nn.Parameter(torch.zeros(p, h, dtype=dtype, device=device)) if p else None
+        # Where each APT started (rebuilt by reset_parameters, not saved): for the relative-movement diagnostic.
+        self.register_buffer("apt_init", torch.zeros(p, h, dtype=dtype, device=device) if p else None,
+                             persistent=False)
         n, d = cfg.n_heads, embed_dim // cfg.n_heads
         self.head_weight = nn.Parameter(torch.zeros(n, h, d, dtype=dtype, device=device))
         self.head_bias = nn.Parameter(torch.zeros(n, d, dtype=dtype, device=device))
@@ -223,8 +261,9 @@ class MultiPromptTextEncoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Heads like nn.Linear; each APT starts at the placeholder's own hidden state at start_layer (so the
-        first trainable layer sees an in-distribution vector) plus small noise to tell the prompts apart."""
+        """Heads like nn.Linear; APT i starts at its placeholder's own hidden state at the entry layer (so that layer
+        sees an in-distribution vector) plus noise of apt_init_noise x that state's std (0.02: small noise to tell
+        the prompts apart; with apt_placeholder distinct the K starting states already differ)."""
         g = torch.Generator().manual_seed(self.cfg.init_seed)
         h = self.head_weight.shape[1]
         bound = 1 / math.sqrt(h)
@@ -232,10 +271,11 @@ class MultiPromptTextEncoder(nn.Module):
             t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float32).mul_(2 * bound).sub_(bound))
         if self.apt is not None:
             layout = self.layout(["a photo."])
-            frozen = self.frozen_hidden(layout)
-            base = frozen[0, layout.apt_positions[0, 0]].float()
-            noise = torch.randn(self.apt.shape, generator=g) * 0.02 * base.std()
-            self.apt.copy_(base.cpu() + noise)
+            entry = self.entry_hidden(layout)
+            base = entry[0, layout.apt_positions[0]].float().cpu()  # [K, H]: prompt i's placeholder state
+            noise = torch.randn(self.apt.shape, generator=g) * self.cfg.apt_init_noise * base[0].std()
+            self.apt.copy_(base + noise)
+            self.apt_init.copy_(self.apt)
 
     # -- tokens -> layout
     def layout(self, captions: str | Sequence[str]) -> PromptLayout:
@@ -268,27 +308,27 @@ class MultiPromptTextEncoder(nn.Module):
     # -- the forward, in pieces
     def embed(self, layout: PromptLayout) -> torch.Tensor:
         """[B, S, H] hidden state entering layer 0 (frozen input embedding; placeholders not yet replaced)."""
+        words = None
+        if self.placeholder_embeds is not None:  # distinct placeholders without reserved tokens
+            words = self.lm.get_input_embeddings()(layout.input_ids)  # Gemma's sqrt(H) scaling is inside
+            words = _put_rows(words, layout, self.placeholder_embeds.to(words.dtype))
         if self.family == "decoder":
-            return self.lm.embed_tokens(layout.input_ids)  # Gemma's sqrt(H) scaling lives inside embed_tokens
+            return self.lm.embed_tokens(layout.input_ids) if words is None else words
         types = (layout.segment_ids > 0).long() if self._token_types else torch.zeros_like(layout.input_ids)
-        return self.lm.embeddings(input_ids=layout.input_ids, token_type_ids=types,  # prompts = BERT's 2nd segment
+        return self.lm.embeddings(input_ids=None if words is not None else layout.input_ids,  # prompts = BERT's
+                                  token_type_ids=types, inputs_embeds=words,                  # 2nd segment
                                   position_ids=layout.position_ids + self._pos_offset)
 
     def inject(self, hidden: torch.Tensor, layout: PromptLayout) -> torch.Tensor:
         """Write APT vector i at prompt i's (and negated prompt i's) placeholder; [B, S, H] -> [B, S, H].
 
-        Call it on the hidden state entering `start_layer`: `embed` output when all layers train, the cached
-        frozen state otherwise. Out of place, so gradients reach `apt` and the cache is untouched.
+        Call it on the hidden state entering `entry_layer` (`entry_hidden`): the `embed` output when all layers
+        train or apt_entry is input, the cached frozen state otherwise. Out of place, so gradients reach `apt` and
+        the cache is untouched.
         """
         if self.apt is None:
             return hidden
-        hidden = hidden.clone()
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-        vals = self.apt.to(hidden.dtype)[None].expand(hidden.shape[0], -1, -1)
-        hidden[rows, layout.apt_positions] = vals
-        if layout.neg_apt_positions is not None:
-            hidden[rows, layout.neg_apt_positions] = vals  # the negated prompt shares its prompt's APT
-        return hidden
+        return _put_rows(hidden, layout, self.apt.to(hidden.dtype))
 
     def run_layers(self, hidden: torch.Tensor, layout: PromptLayout, start: int, end: int,
                    masks: dict[int | None, torch.Tensor] | None = None) -> torch.Tensor:
@@ -318,11 +358,18 @@ class MultiPromptTextEncoder(nn.Module):
         """[B, S, H] hidden state entering start_layer, APT placeholders not replaced: what the cache stores."""
         return self.run_layers(self.embed(layout), layout, 0, self.start_layer, masks)
 
+    @torch.no_grad()
+    def entry_hidden(self, layout: PromptLayout, masks: dict[int | None, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+        """[B, S, H] hidden state entering entry_layer (where `inject` writes the APTs): frozen_hidden with
+        apt_entry first_trainable, the input embedding with apt_entry input."""
+        return self.run_layers(self.embed(layout), layout, 0, self.entry_layer, masks)
+
     def hidden(self, layout: PromptLayout) -> torch.Tensor:
         """[B, S, H] output of the last LM layer (before a decoder's final norm) for the whole sequence."""
         masks: dict[int | None, torch.Tensor] = {}  # built once, shared by the frozen and trainable layers
-        h = self.inject(self.frozen_hidden(layout, masks), layout)
-        return self.run_layers(h, layout, self.start_layer, self.num_layers, masks)
+        h = self.inject(self.entry_hidden(layout, masks), layout)
+        return self.run_layers(h, layout, self.entry_layer, self.num_layers, masks)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """A decoder's final norm (per token, so it can run after gathering); identity for encoders."""
@@ -359,6 +406,43 @@ class MultiPromptTextEncoder(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def _put_rows(hidden: torch.Tensor, layout: PromptLayout, vals: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, E] with row i of vals [K, E] written at prompt i's APT placeholder (and its negated prompt's),
+    out of place."""
+    hidden = hidden.clone()
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    vals = vals[None].expand(hidden.shape[0], -1, -1)
+    hidden[rows, layout.apt_positions] = vals
+    if layout.neg_apt_positions is not None:
+        hidden[rows, layout.neg_apt_positions] = vals  # the negated prompt shares its prompt's APT
+    return hidden
+
+
+def reserved_tokens(tokenizer: Any, n: int) -> list[int] | None:
+    """Ids of the vocabulary's reserved/unused entries 0..n-1 (RESERVED_TOKEN_PATTERNS, the first pattern that has
+    all n), or None when it has no such run."""
+    vocab = tokenizer.get_vocab()
+    for pattern in RESERVED_TOKEN_PATTERNS:
+        names = [pattern.format(i) for i in range(n)]
+        if all(x in vocab for x in names):
+            return [int(vocab[x]) for x in names]
+    return None
+
+
+@torch.no_grad()
+def _seeded_embeddings(lm: nn.Module, n: int) -> torch.Tensor:
+    """[n, E] fixed placeholder input embeddings (PLACEHOLDER_SEED): per coordinate, the embedding matrix's mean
+    plus its std x N(0, 1), scaled as the model scales its embeddings (Gemma's sqrt(H))."""
+    emb = lm.get_input_embeddings()
+    w = emb.weight.detach().float().cpu()
+    g = torch.Generator().manual_seed(PLACEHOLDER_SEED)
+    v = w.mean(0) + w.std(0) * torch.randn(n, w.shape[1], generator=g)
+    scale = getattr(emb, "embed_scale", None)
+    if scale is not None:
+        v = v * float(scale)
+    return v.to(device=emb.weight.device, dtype=emb.weight.dtype)
 
 
 def _select_attention(model: nn.Module, requested: str) -> str:

@@ -71,7 +71,9 @@ def describe(enc, layout: PromptLayout, tokens: bool = False) -> str:
     lines = [f"model: {type(enc.lm).__name__} ({kind}; attention: {enc.lm.config._attn_implementation}), "
              f"pooling {cfg.pooling}, {layout.n_prompts} prompts" + (" + their negations" if cfg.negation else "")
              + f", {enc.num_layers} layers (trainable from layer {enc.start_layer}"
-             + (", where the APT vectors enter)" if layout.n_prompts else ")"),
+             + ((", where the APT vectors enter)" if enc.entry_layer == enc.start_layer else
+                 f"; the APT vectors enter at layer {enc.entry_layer})") if layout.n_prompts else ")")
+             + (f"; distinct APT placeholders {enc.placeholder_ids}" if enc.cfg.apt_placeholder == "distinct" else ""),
              f"sequence: {n} tokens (caption {int(layout.caption_lengths[0])}"
              + (", TRUNCATED to max_length" if bool(layout.truncated[0]) else "") + ")",
              "",

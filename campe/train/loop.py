@@ -22,9 +22,10 @@ Outputs in out_dir (rank 0 only):
     train_log.csv        per-step metrics (step, epoch, lr, loss, each term, grad_norm, samples_per_s)
     loss_curve.png       the loss terms against the step
     mlflow_run_id.txt    the MLflow run (written at the start, so evaluation and a resumed run log into it)
-    metrics.json         final loss terms, throughput and the samples skipped because their image does not decode
-                         (skipped_samples, skipped_fraction; also copied to train.metrics_file for DVC and logged
-                         to MLflow)
+    metrics.json         final loss terms, throughput, the samples skipped because their image does not decode
+                         (skipped_samples, skipped_fraction) and, for the prompt methods, whether the K prompts
+                         differ (prompt_state_cosine, apt_movement, ...: campe.text.diagnostics); also copied to
+                         train.metrics_file for DVC and logged to MLflow
 
 Undecodable images (campe.data.imageprep): a sample whose image does not decode is left out of the batches (every
 batch stays full, so the DDP ranks stay in step), warned about with its shard and key, and counted once however
@@ -55,6 +56,7 @@ from campe.core.losses import CampeObjective, total_loss
 from campe.core.tracking import Tracker, flatten_config
 from campe.data.imageprep import SHOWN_SKIPS, UndecodableImageWarning, check_skip_fraction
 from campe.model import CLIPModel, save_config
+from campe.text.diagnostics import text_diagnostics
 from campe.train.checkpoint import (CKPT, FINAL, RUN_ID_FILE, build_run_model, load_trainable_state,
                                     torch_save_atomic, trainable_state)
 from campe.train.distributed import (DistInfo, all_ranks_have, init_distributed, out_dir_lock, rng_state,
@@ -428,15 +430,16 @@ def _finish(cfg: RunConfig, info: DistInfo, model: CLIPModel, resolved: dict, ou
     summary["final"] = {k: round(v, 6) for k, v in final.items()}
     torch_save_atomic({"model": trainable_state(model), "config": resolved, "step": step}, out / FINAL)
     plot_loss_curve(rows, out / "loss_curve.png", title=f"{cfg.method} ({cfg.loss.kind})")
+    diagnostics = {k: round(v, 6) for k, v in text_diagnostics(model.text).items()}  # {} without prompts
     metrics = {"steps": step, "samples_per_s": summary["samples_per_s"], "world_size": info.world_size,
                "skipped_samples": len(skipped), "skipped_fraction": skip_fraction,
-               **{f"final_{k}": v for k, v in summary["final"].items()}}
+               **{f"final_{k}": v for k, v in summary["final"].items()}, **diagnostics}
     atomic_write_json(out / "metrics.json", metrics)
     if tp.metrics_file:
         atomic_write_json(tp.metrics_file, metrics)
     if tracker is not None:
         tracker.log_metrics([{"step": step, "samples_per_s_run": samples_per_s, "skipped_samples": len(skipped),
-                              "skipped_fraction": skip_fraction}])
+                              "skipped_fraction": skip_fraction, **diagnostics}])
         for name in ("train_config.json", "model_config.json", FINAL, "loss_curve.png", LOG_FILE, "metrics.json"):
             tracker.log_artifact(out / name)
     return summary

@@ -1,4 +1,6 @@
 """The optimizer of a training run: AdamW with weight decay on matrices only, linear warm-up then cosine decay.
+The APT vectors get lr x train.apt_lr_mult (their own group when it is not 1): Adam moves every coordinate by about
+the lr per step whatever its scale, so at the one lr APTs of norm ~13 move by well under 1 % of it.
 
     from campe.train.optim import make_optimizer, lr_factor
     optimizer = make_optimizer(model, cfg.train)     # only the parameters that require grad
@@ -37,8 +39,10 @@ def split_decay(model: nn.Module) -> tuple[list[str], list[str]]:
 def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.AdamW:
     params = dict(model.named_parameters())
     decay, no_decay = split_decay(model)
+    apt = [n for n in no_decay if n.rsplit(".", 1)[-1] == "apt"] if tp.apt_lr_mult != 1.0 else []
     groups = [{"params": [params[n] for n in decay], "weight_decay": tp.weight_decay},
-              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+              {"params": [params[n] for n in no_decay if n not in apt], "weight_decay": 0.0},
+              {"params": [params[n] for n in apt], "weight_decay": 0.0, "lr": tp.lr * tp.apt_lr_mult}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tp.lr, betas=(tp.beta1, tp.beta2), eps=tp.eps)
 
 

@@ -88,6 +88,7 @@ class TrainParams:
     artifact_root: str = "mlartifacts"  # a new experiment stores its artifacts in <artifact_root>/<experiment>
     run_name: str = ""  # MLflow run name; "" = train/<method>/<UTC date>
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # undecodable images: stop once more than this fraction
+    apt_lr_mult: float = 1.0  # the APT vectors' lr = lr x this (campe/train/optim.py)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -100,6 +101,8 @@ class TrainParams:
         for name in ("warmup_steps", "ckpt_every", "num_workers", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.apt_lr_mult <= 0:
+            raise ValueError(f"apt_lr_mult must be > 0, got {self.apt_lr_mult}")
         if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0 and self.eps > 0):
@@ -114,6 +117,11 @@ class TrainParams:
 # Fields that may change between a run and its resume (they do not change the numbers).
 RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_workers", "log_every", "ckpt_every",
                   "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device", "max_skip_fraction")
+# Fields added after runs existed, hashed only when set to another value than this one: the hash of a config that
+# leaves them at their defaults (and the resume and finished-cell checks built on it) stays what it was.
+HASHED_IF_NOT = {("text_encoder", "apt_placeholder"): "shared", ("text_encoder", "apt_entry"): "first_trainable",
+                 ("text_encoder", "apt_init_noise"): 0.02, ("loss", "div_space"): "heads",
+                 ("train", "apt_lr_mult"): 1.0}
 
 
 @dataclass
@@ -148,6 +156,9 @@ class RunConfig:
         d["model"]["text_encoder"] = d["model"].pop("text_tower_kind")
         if d["text_encoder"] is not None:
             d["text_encoder"]["embed_dim"] = self.model.embed_dim
+        for (section, key), default in HASHED_IF_NOT.items():
+            if d[section] is not None and d[section].get(key) == default:
+                del d[section][key]
         if not runtime:
             d["train"] = {k: v for k, v in d["train"].items() if k not in RUNTIME_FIELDS}
         return json_sha256(d)[:12]
@@ -194,6 +205,10 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
             text.check_embed_dim(model.embed_dim)
         except ValueError as e:
             raise ConfigError(f"{where_text}: {e}") from None
+        if text.apt_entry == "input" and tp.cache_dir:
+            raise ConfigError(f"{where}:text_encoder: apt_entry 'input' sends the gradient through the frozen layers, "
+                              f"so their states cannot be cached; train online (train.cache_dir: '' / --cache none) "
+                              f"or use apt_entry: first_trainable")
     else:
         from_dict(MultiPromptConfig, raw["text_encoder"], f"{where}:text_encoder")  # still a valid section
     return RunConfig(tp.method, text, model, loss, tp)
