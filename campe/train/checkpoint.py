@@ -107,6 +107,12 @@ def load_trained_model(out_dir: str | Path, device: str | torch.device = "cpu") 
     model, _, _ = build_run_model(cfg, "plain")
     state = torch.load(out_dir / FINAL, map_location="cpu", weights_only=True)["model"]
     load_trainable_state(model, _uncached_names(state, model), str(out_dir / FINAL))
+    if cfg.train.image_tower == "locked":  # features of images the run cached come from there, others run live
+        from campe.data.feature_cache import MANIFEST, FeatureStore
+        from campe.locked import feature_manifest
+        folder = Path(cfg.train.image_features_dir)
+        if (folder / MANIFEST).exists():
+            model.visual.attach(FeatureStore.open(folder, feature_manifest(cfg.model.image_size)), strict=False)
     return model.to(device).eval(), cfg
 
 
