@@ -192,19 +192,19 @@ class LockedImageTower(nn.Module):
 # ---------------------------------------------------------------------------------------------------- the cache
 
 def _shard_images(shards_dir: str | Path) -> Iterator[torch.Tensor]:
-    """uint8 [3,H,W] of every decodable image of the finished shards, as training decodes them."""
+    """uint8 [3,H,W] of every decodable image with a caption in the finished shards, as training decodes them."""
+    import webdataset as wds
+
     from campe.data.imageprep import ImageDecodeError, decode_image
     from campe.data.shards import image_bytes, sample_caption, shard_paths
-    from campe.text.cache_shards import iter_tar_samples
-    for shard in shard_paths(shards_dir):
-        for _, parts in iter_tar_samples(shard):
-            data = image_bytes(parts)
-            if data is None or sample_caption(parts) is None:
-                continue
-            try:
-                yield decode_image(data)
-            except ImageDecodeError:
-                continue  # training leaves it out too
+    for s in wds.WebDataset(shard_paths(shards_dir), shardshuffle=False, empty_check=False):  # raw bytes
+        data = image_bytes(s)
+        if data is None or sample_caption(s) is None:
+            continue
+        try:
+            yield decode_image(data)
+        except ImageDecodeError:
+            continue  # training leaves it out too
 
 
 def _karpathy_images(json_path: str | Path, image_size: int) -> Iterator[torch.Tensor]:
