@@ -168,3 +168,42 @@ def test_training_stops_by_the_rule_and_keeps_the_best_weights(tiny_generated, i
     val = ValPairs.from_karpathy(val_set, 32)
     loss = val.loss(model, model.text.tokenize, CampeObjective.from_config(rcfg.loss), 8)
     assert loss == pytest.approx(min(history), rel=1e-4, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+@pytest.mark.parametrize("image_tower", ["scratch", "locked"])
+def test_evaluation_retrieval_zero_shot_and_per_apt_maps_for_both_protocols(tiny_generated, tiny_lm, image_tower,
+                                                                              tmp_path):
+    """A multi-prompt run of each protocol through the evaluate stage: retrieval, video, zero-shot and the per-APT
+    patch maps (a 4x4 grid for the locked tower); the locked run's test images come from its feature cache."""
+    from stages.evaluate import EvaluateParams, run_stage
+    _, gen = tiny_generated
+    feat = tmp_path / "feat"
+    cfg = _cfg(tmp_path / "run", "multi_prompt", tiny_lm, steps=3, image_tower=image_tower,
+               image_features_dir=str(feat))
+    data = _pairs(24)
+    if image_tower == "locked":  # the eval images too, as `campe ablate` does before its cells
+        model, _, _ = build_run_model(cfg)
+        build_feature_cache(feat, model.visual, images=data.images, karpathy_json=gen / "dataset_karpathy.json",
+                            progress=False)
+    train(cfg, source=data)
+    model, _ = load_trained_model(tmp_path / "run")
+    if image_tower == "locked":
+        assert isinstance(model.visual, LockedImageTower) and model.visual.store is not None
+    p = EvaluateParams(checkpoint=str(tmp_path / "run"), image_sets={"gen": str(gen / "dataset_karpathy.json")},
+                       video_sets={"gen_video": str(gen / "msrvtt")}, zero_shot_root=str(gen),
+                       metrics_dir=str(tmp_path / "metrics"), plots_dir=str(tmp_path / "plots"), video_frames=4,
+                       batch_size=16, examples=2)
+    results = run_stage(p)
+    assert set(results) == {"gen", "gen_video", "zero_shot"}
+    gen_rec = results["gen"]["record"]
+    assert gen_rec["k_segments"] == 4 and {"i2t_R@1", "t2i_R@10", "rsum"} <= set(gen_rec["metrics"])
+    assert {"shape_top1", "colour_top1"} <= set(results["zero_shot"]["record"]["metrics"])
+    assert (tmp_path / "plots" / "gen_aspect_maps.png").stat().st_size > 0
+    if image_tower == "locked":  # the test images' features were cached (evaluation found them there)
+        store = FeatureStore.open(feat, feature_manifest(32))
+        from campe.data.evaldata import load_karpathy
+        from campe.embed import load_images
+        ds = load_karpathy(gen / "dataset_karpathy.json", split="test")
+        assert not store.missing(image_keys(load_images(ds.image_paths, 32)))
