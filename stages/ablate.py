@@ -561,6 +561,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--table-md", help="override ablate.table_md")
     ap.add_argument("--table-csv", help="override ablate.table_csv")
     ap.add_argument("--plot", help="override ablate.plot (\"\" = no picture)")
+    ap.add_argument("--image-tower", choices=["scratch", "locked"], help="override ablate.image_tower")
+    ap.add_argument("--patience", type=int, help="override ablate.patience (early stopping of every cell)")
     ap.add_argument("--table-only", action="store_true", help="only (re)write the table from the finished cells")
 
 
@@ -568,7 +570,8 @@ def run(args: argparse.Namespace) -> int:
     raw, base = load_sections(args.params)
     over = {k: v for k, v in {"name": args.name, "root": args.root, "methods": args.methods, "seeds": args.seeds,
                               "steps": args.steps, "epochs": args.epochs, "eval_sets": args.eval_sets,
-                              "table_md": args.table_md, "table_csv": args.table_csv, "plot": args.plot}.items()
+                              "table_md": args.table_md, "table_csv": args.table_csv, "plot": args.plot,
+                              "image_tower": args.image_tower, "patience": args.patience}.items()
             if v is not None}
     if args.methods is not None and "all_kinds_for" not in over:
         over["all_kinds_for"] = [m for m in raw.get("all_kinds_for", AblateParams().all_kinds_for)
