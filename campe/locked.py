@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -207,13 +207,17 @@ def _shard_images(shards_dir: str | Path) -> Iterator[torch.Tensor]:
             continue  # training leaves it out too
 
 
-def _karpathy_images(json_path: str | Path, image_size: int) -> Iterator[torch.Tensor]:
-    """uint8 [3,S,S] of every image of a Karpathy-split JSON (all splits), as evaluation loads them."""
+def _karpathy_images(json_path: str | Path, image_size: int, splits: Sequence[str] | None
+                     ) -> Iterator[torch.Tensor]:
+    """uint8 [3,S,S] of the images of a Karpathy-split JSON in `splits` (None: all), as evaluation loads them. (The
+    train split's images are not the shards' ones byte for byte: the download stage re-encodes them.)"""
     import json as _json
 
     from campe.data.imageprep import ImageDecodeError, decode_image
     path = Path(json_path)
     for im in _json.loads(path.read_text())["images"]:
+        if splits is not None and im.get("split") not in splits:
+            continue
         p = path.parent / im.get("filepath", "") / im["filename"]
         try:
             yield decode_image(p, image_size)
@@ -223,10 +227,11 @@ def _karpathy_images(json_path: str | Path, image_size: int) -> Iterator[torch.T
 
 def build_feature_cache(folder: str | Path, tower: LockedImageTower, *, images: torch.Tensor | None = None,
                         shards_dir: str | Path | None = None, karpathy_json: str | Path | None = None,
-                        batch: int = 64, shard_rows: int = 1024, progress: bool = True) -> FeatureStore:
+                        splits: Sequence[str] | None = ("val", "test"), batch: int = 64, shard_rows: int = 1024,
+                        progress: bool = True) -> FeatureStore:
     """Add the features of every image not yet cached (uint8 `images` [N,3,H,W], the train shards under
-    `shards_dir`, the images of a Karpathy JSON) to the store at `folder`, in shards of `shard_rows` images, each
-    written atomically (resumable: a killed build keeps its finished shards). One writer per folder (a lock)."""
+    `shards_dir`, the images of a Karpathy JSON's `splits`) to the store at `folder`, in shards of `shard_rows`
+    images, each written atomically (resumable: a killed build keeps its finished shards). One writer per folder."""
     from campe.core.io import output_lock
 
     sources: list[Iterable[torch.Tensor]] = []
@@ -235,7 +240,7 @@ def build_feature_cache(folder: str | Path, tower: LockedImageTower, *, images: 
     if shards_dir:
         sources.append(_shard_images(shards_dir))
     if karpathy_json:
-        sources.append(_karpathy_images(karpathy_json, tower.cfg.image_size))
+        sources.append(_karpathy_images(karpathy_json, tower.cfg.image_size, splits))
     with output_lock(folder, "campe locked-image features", flag="train.image_features_dir"):
         store = FeatureStore.open(folder, feature_manifest(tower.cfg.image_size))
         store.remove_stale()

@@ -322,7 +322,8 @@ def _locked_features(cfg: Any, ep: Any) -> None:
     sets = list(dict.fromkeys([*(ep.image_sets.values()), *([cfg.train.val_set] if cfg.train.patience else [])]))
     build_feature_cache(cfg.train.image_features_dir, tower, shards_dir=cfg.train.shards_dir)
     for ann in sets:
-        build_feature_cache(cfg.train.image_features_dir, tower, karpathy_json=ann)
+        build_feature_cache(cfg.train.image_features_dir, tower, karpathy_json=ann,
+                            splits=(ep.karpathy_split, "val"))
 
 
 def _training_record(out: Path, steps: int | None) -> dict[str, float]:

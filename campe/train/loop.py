@@ -151,7 +151,7 @@ def _attach_locked_features(cfg: RunConfig, info: DistInfo, model: CLIPModel, so
     images = getattr(source, "images", None)
     kw: dict[str, Any] = {"images": images} if images is not None else {"shards_dir": tp.shards_dir}
     if tp.patience:
-        kw["karpathy_json"] = tp.val_set
+        kw.update(karpathy_json=tp.val_set, splits=("val",))
     store = None
     if info.main:
         store = build_feature_cache(tp.image_features_dir, visual, progress=_progress_enabled(tp, info), **kw)
@@ -465,7 +465,8 @@ def _loop(run: _Run, objective: CampeObjective, text_input: Callable[[dict], Any
             if run.stopper is not None and run.stopper.stop:
                 break
         stopped_early = run.stopper is not None and run.stopper.stop
-        if run.step < run.total and not stopped_early:  # stop_at: paused (or, checkpoint_at_stop=False, as if killed); MLflow run stays open
+        # stop_at: paused (or, checkpoint_at_stop=False, as if killed); the MLflow run stays open
+        if run.step < run.total and not stopped_early:
             status = "RUNNING"
             if checkpoint_at_stop:
                 run.flush()
