@@ -93,6 +93,14 @@ class AblateParams:
     table_md: str = "metrics/ablation.md"
     table_csv: str = "metrics/ablation.csv"
     plot: str = "plots/ablation.png"  # per-seed values, mean and std of the headline metrics ("" = no picture)
+    image_tower: str = ""  # every cell's train.image_tower ("" = the train section's): scratch | locked
+    patience: int = 0  # every cell's train.patience (early stopping on the val loss; 0 = the train section's)
+    axes: dict[str, list[int | str]] = field(default_factory=dict)  # text_encoder field -> values, for
+    # axis_methods: e.g. {k: [1, 2, 4, 6, 8], trainable_layers: [1, 2]}; one cell per (method, field, value, seed)
+    axis_methods: list[str] = field(default_factory=lambda: ["multi_prompt"])
+    axis_seeds: list[int] = field(default_factory=list)  # seeds of the axis cells ([] = seeds)
+    references: list[str] = field(default_factory=lambda: ["mean", "vanilla"])  # paired differences against
+    # these methods (kinds[0], the same seed: same initialisation and data order)
 
     def validate(self) -> None:
         for m in self.methods + self.all_kinds_for:
@@ -113,6 +121,28 @@ class AblateParams:
             raise ValueError(f"eval_sets {self.eval_sets} must be values of: {', '.join(EVAL_SETS)}")
         if not self.name or "/" in self.name:
             raise ValueError(f"name {self.name!r} must be a non-empty folder name")
+        if self.image_tower not in ("", "scratch", "locked"):
+            raise ValueError(f"image_tower '{self.image_tower}' is not one of: scratch, locked (or \"\")")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
+        self._validate_axes()
+
+    def _validate_axes(self) -> None:
+        from campe.text.multiprompt import MultiPromptConfig
+        fields = {f.name for f in dataclasses.fields(MultiPromptConfig)} - {"pooling", "negation", "init_seed",
+                                                                             "embed_dim", "model_path"}
+        for name, values in self.axes.items():
+            if name not in fields:
+                raise ValueError(f"axes: '{name}' is not a text_encoder field an axis can vary; one of: "
+                                 f"{', '.join(sorted(fields))}")
+            if not values or len(set(map(str, values))) != len(values):
+                raise ValueError(f"axes.{name}: {values} must be distinct values")
+        bad = [m for m in self.axis_methods + self.references if m not in ALL_METHODS]
+        if bad or "vanilla" in self.axis_methods:
+            raise ValueError(f"axis_methods / references name {bad or ['vanilla']}: use LM methods of "
+                             f"{', '.join(ALL_METHODS[1:])} for axes, and methods of the grid as references")
+        if len(set(self.axis_seeds)) != len(self.axis_seeds) or min(self.axis_seeds, default=0) < 0:
+            raise ValueError(f"axis_seeds {self.axis_seeds} must be distinct integers >= 0")
 
 
 @dataclass(frozen=True)
@@ -120,17 +150,23 @@ class Cell:
     method: str
     kind: str
     seed: int
+    axis: str = ""  # a text_encoder field this cell sets (an axis cell), "" for the main grid
+    value: Any = None
 
     @property
     def variant(self) -> str:
-        return f"{self.method}-{self.kind}"
+        return f"{self.method}-{self.kind}" + (f"-{self.axis}={self.value}" if self.axis else "")
 
 
 def grid(ap: AblateParams) -> list[Cell]:
-    """Seed-major order: a stopped ablation has every variant on its first seeds rather than all seeds of a few."""
+    """Seed-major order: a stopped ablation has every variant on its first seeds rather than all seeds of a few.
+    The main grid first, then the axis cells (axis_methods x axes x axis_seeds, kinds[0])."""
     variants = [(m, ap.kinds[0]) for m in ap.methods]
     variants += [(m, k) for m in ap.methods if m in ap.all_kinds_for for k in ap.kinds[1:]]
-    return [Cell(m, k, s) for s in ap.seeds for m, k in variants]
+    cells = [Cell(m, k, s) for s in ap.seeds for m, k in variants]
+    cells += [Cell(m, ap.kinds[0], s, axis, v) for s in (ap.axis_seeds or ap.seeds) for m in ap.axis_methods
+              for axis, values in ap.axes.items() for v in values]
+    return cells
 
 
 def variants_of(ap: AblateParams) -> list[str]:
@@ -153,6 +189,8 @@ def cell_sections(ap: AblateParams, base: dict[str, dict], cell: Cell) -> dict[s
     te = METHODS[cell.method]["text_encoder"]
     if te is not None:
         s["text_encoder"].update(te)  # the cache is built from this section as written (the run config checks it)
+    if cell.axis:
+        s["text_encoder"][cell.axis] = cell.value
     s["text_encoder"]["init_seed"] = cell.seed
     s["model"]["init_seed"] = cell.seed
     s["loss"]["kind"] = cell.kind
@@ -165,6 +203,11 @@ def cell_sections(ap: AblateParams, base: dict[str, dict], cell: Cell) -> dict[s
         t.update(steps=0, epochs=ap.epochs)
     if ap.experiment:
         t["experiment"] = ap.experiment
+    if ap.image_tower:
+        t["image_tower"] = ap.image_tower
+    if ap.patience:
+        t["patience"] = ap.patience
+    t["image_features_dir"] = str(Path(ap.root) / "caches" / "image_features")  # content-addressed: shared
     return s
 
 
@@ -246,6 +289,12 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
             log(f"  cache {cache_out.name}: {summary['shards_written']} shards written, "
                 f"{summary['shards_skipped']} reused ({timings['cache_s']} s)")
 
+    if cfg.train.image_tower == "locked" and "image_features" not in caches_done:
+        t0 = time.perf_counter()
+        _locked_features(cfg, ep)
+        caches_done.add("image_features")
+        timings["features_s"] = round(time.perf_counter() - t0, 1)
+
     t0 = time.perf_counter()
     trained = (out / FINAL).exists() and (out / "train_config.json").exists() and json.loads(
         (out / "train_config.json").read_text()).get("resume_hash") == cfg.hash(runtime=False)
@@ -267,13 +316,40 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
     results = run_stage(ep, device=_eval_device(cfg.train.device), base_dir=cfg.base_dir or None)
     timings["eval_s"] = round(time.perf_counter() - t0, 1)
     rec = {"variant": cell.variant, "method": cell.method, "kind": cell.kind, "seed": cell.seed,
+           "axis": cell.axis, "value": cell.value,
            "config_hash": config_hash, "steps": steps, "mlflow_run_id": run_id, "timings": timings,
            "metrics_files": {name: str(Path(ep.metrics_dir) / f"{name}.json") for name in results},
            "metrics": {name: r["record"]["metrics"] for name, r in results.items()}}
     fidelity = _fidelity(out)
     if fidelity:
         rec["metrics"][FIDELITY_SET] = fidelity
+    rec["metrics"]["training"] = _training_record(out, steps)
     atomic_write_json(record_path, rec)
+    return rec
+
+
+def _locked_features(cfg: Any, ep: Any) -> None:
+    """The locked backbone's features of the train shards, the val split and the evaluated image sets, once for the
+    whole ablation (the cells then only read them; content-addressed, so every cell shares them)."""
+    from campe.locked import LockedImageTower, build_feature_cache
+    from campe.towers import VisionConfig
+    tower = LockedImageTower(VisionConfig(image_size=cfg.model.image_size), embed_dim=cfg.model.embed_dim)
+    sets = list(dict.fromkeys([*(ep.image_sets.values()), *([cfg.train.val_set] if cfg.train.patience else [])]))
+    build_feature_cache(cfg.train.image_features_dir, tower, shards_dir=cfg.train.shards_dir)
+    for ann in sets:
+        build_feature_cache(cfg.train.image_features_dir, tower, karpathy_json=ann,
+                            splits=(ep.karpathy_split, "val"))
+
+
+def _training_record(out: Path, steps: int | None) -> dict[str, float]:
+    """The cell's schedule as reached: steps, epochs run, best epoch, stopped early (early stopping)."""
+    m = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+    rec = {"steps": float(m.get("steps", steps or 0))}
+    for k in ("epochs_run", "best_epoch", "best_val_loss"):
+        if k in m:
+            rec[k] = float(m[k])
+    if "stopped_early" in m:
+        rec["stopped_early"] = float(bool(m["stopped_early"]))
     return rec
 
 
@@ -289,39 +365,58 @@ def finished_records(ap: AblateParams) -> list[dict[str, Any]]:
     return out
 
 
-def summarize(records: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
-    """Per (variant, dataset, metric): mean, sample std (NaN for one seed), n and the seeds, over the records."""
+def summarize(records: list[dict[str, Any]], variants: list[str], references: dict[str, str] | None = None
+              ) -> list[dict[str, Any]]:
+    """Per (variant, dataset, metric): mean, sample std (NaN for one seed), the 95 % t interval (ci_low, ci_high),
+    n and the seeds; and for each reference {name: its variant}, the paired difference variant - reference over the
+    seeds both have (d_<name>, d_<name>_low, d_<name>_high, d_<name>_n; campe.core.stats)."""
+    from campe.core.stats import mean_ci, paired_difference
+    per: dict[tuple[str, str, str], dict[int, float]] = {}  # (variant, dataset, metric) -> {seed: value}
+    for r in records:
+        for ds, m in r["metrics"].items():
+            for metric, v in m.items():
+                per.setdefault((r["variant"], ds, metric), {})[r["seed"]] = float(v)
     rows = []
     for v in variants:
-        recs = sorted((r for r in records if r["variant"] == v), key=lambda r: r["seed"])
+        recs = [r for r in records if r["variant"] == v]
         if not recs:
             continue
-        datasets: dict[str, list[str]] = {}
-        for r in recs:
-            for ds, m in r["metrics"].items():
-                names = datasets.setdefault(ds, [])
-                names.extend(k for k in m if k not in names)
-        for ds, names in datasets.items():
-            for metric in names:
-                pairs = [(r["seed"], float(r["metrics"][ds][metric])) for r in recs
-                         if metric in r["metrics"].get(ds, {})]
-                vals = [x for _, x in pairs]
-                rows.append({"variant": v, "method": recs[0]["method"], "kind": recs[0]["kind"], "dataset": ds,
-                             "metric": metric, "mean": statistics.fmean(vals),
-                             "std": statistics.stdev(vals) if len(vals) > 1 else math.nan, "n": len(vals),
-                             "seeds": [s for s, _ in pairs]})
+        for (var, ds, metric), by_seed in per.items():
+            if var != v:
+                continue
+            seeds = sorted(by_seed)
+            st = mean_ci([by_seed[x] for x in seeds])
+            row = {"variant": v, "method": recs[0]["method"], "kind": recs[0]["kind"], "dataset": ds,
+                   "metric": metric, "mean": st["mean"], "std": st["std"], "ci_low": st["low"],
+                   "ci_high": st["high"], "n": st["n"], "seeds": seeds}
+            for name, ref in (references or {}).items():
+                d = None if ref == v else paired_difference(by_seed, per.get((ref, ds, metric), {}))
+                row.update({f"d_{name}": d["mean"] if d else math.nan, f"d_{name}_low": d["low"] if d else math.nan,
+                            f"d_{name}_high": d["high"] if d else math.nan, f"d_{name}_n": d["n"] if d else 0})
+            rows.append(row)
     return rows
 
 
-CSV_FIELDS = ("variant", "method", "kind", "dataset", "metric", "mean", "std", "n", "seeds")
+CSV_FIELDS = ("variant", "method", "kind", "dataset", "metric", "mean", "std", "ci_low", "ci_high", "n", "seeds")
+
+
+def reference_variants(ap: AblateParams) -> dict[str, str]:
+    """{reference method: its variant} for the paired differences (kinds[0])."""
+    return {m: f"{m}-{ap.kinds[0]}" for m in ap.references}
+
+
+def _num(x: Any) -> str:
+    return "" if isinstance(x, float) and math.isnan(x) else repr(x)
 
 
 def table_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    extra = [k for k in (rows[0] if rows else {}) if k.startswith("d_")]
+    w = csv.DictWriter(buf, fieldnames=[*CSV_FIELDS, *extra], lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({**r, "mean": repr(r["mean"]), "std": "" if math.isnan(r["std"]) else repr(r["std"]),
+        w.writerow({**{k: _num(v) for k, v in r.items()}, "variant": r["variant"], "method": r["method"],
+                    "kind": r["kind"], "dataset": r["dataset"], "metric": r["metric"], "n": r["n"],
                     "seeds": " ".join(map(str, r["seeds"]))})
     return buf.getvalue()
 
@@ -333,14 +428,52 @@ def _cell_text(r: dict[str, Any] | None, digits: int = 2) -> str:
     return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _ci_text(mean: float, low: float, high: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:+.2f}" if math.isnan(low) else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def _headline_rows(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(dataset, metric) pairs of the paired-difference table: each retrieval set's rsum, each zero-shot top-1."""
+    seen = dict.fromkeys((r["dataset"], r["metric"]) for r in rows)
+    return [(ds, m) for ds, m in seen if m == "rsum" or m.endswith("_top1")]
+
+
+def paired_markdown(rows: list[dict[str, Any]], refs: dict[str, str]) -> list[str]:
+    """The headline table: per headline metric and variant, mean ± std [95 % CI] and the paired differences."""
+    lines = ["## Paired differences (headline)", "",
+             "Mean ± std over seeds with its 95 % t interval; Δ = the paired difference against each reference "
+             "(same seed: same initialisation and data order), mean [95 % t interval of the per-seed "
+             "differences]. An interval that excludes 0 is a difference the seeds resolve.", ""]
+    names = list(refs)
+    lines += ["| set | metric | method | loss | mean ± std | 95 % CI | " + " | ".join(f"Δ vs {n}" for n in names)
+              + " | n |", "|---|---|---|---|---:|---:|" + "---:|" * len(names) + "---:|"]
+    for ds, metric in _headline_rows(rows):
+        for r in (x for x in rows if x["dataset"] == ds and x["metric"] == metric):
+            ci = "-" if math.isnan(r["ci_low"]) else f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+            deltas = [_ci_text(r[f"d_{n}"], r[f"d_{n}_low"], r[f"d_{n}_high"]) for n in names]
+            lines.append(f"| {ds} | {metric} | {r['variant'].split('-', 1)[0]} | {r['variant'].split('-', 1)[1]} | "
+                         f"{_cell_text(r)} | {ci} | " + " | ".join(deltas) + f" | {r['n']} |")
+    return lines + [""]
+
+
 def table_markdown(rows: list[dict[str, Any]], ap: AblateParams, cells_done: int, cells_total: int) -> str:
-    """One table per eval set: rows = variants, columns = metrics (mean ± std over seeds), n and seeds."""
+    """The paired-difference table, then one table per eval set (and the schedule reached, "training"): rows =
+    variants, columns = metrics (mean ± std over seeds), n and seeds."""
+    schedule = ('steps ' + str(ap.steps) if ap.steps else ('epochs ' + str(ap.epochs) if ap.epochs
+                                                          else 'the train section schedule'))
+    if ap.patience:
+        schedule = f"early stopping (patience {ap.patience} val-loss evaluations), at most {schedule}"
     lines = [f"# Ablation `{ap.name}`", "",
-             f"{cells_done} of {cells_total} cells finished. Every cell: same data, "
-             f"{'steps ' + str(ap.steps) if ap.steps else ('epochs ' + str(ap.epochs) if ap.epochs else 'the train section schedule')}"
-             f", lr, batch; seeds {ap.seeds} (train.seed = model.init_seed = text_encoder.init_seed). "
+             f"{cells_done} of {cells_total} cells finished. Every cell: same data, {schedule}"
+             f", lr, batch; image tower {ap.image_tower or 'of the train section'}; seeds {ap.seeds} "
+             f"(train.seed = model.init_seed = text_encoder.init_seed). "
              f"Values: mean ± sample std over seeds (n - 1), in % for recalls. "
              f"Generated by `campe ablate` (stages/ablate.py).", ""]
+    refs = {n: v for n, v in reference_variants(ap).items() if any(r["variant"] == v for r in rows)}
+    if refs and _headline_rows(rows):
+        lines += paired_markdown(rows, refs)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     for ds in datasets:
         sub = [r for r in rows if r["dataset"] == ds]
@@ -360,7 +493,7 @@ def table_markdown(rows: list[dict[str, Any]], ap: AblateParams, cells_done: int
             n = max(r["n"] for r in by.values())
             seeds = max((r["seeds"] for r in by.values()), key=len)
             digits = 4 if ds == FIDELITY_SET else 2  # a cosine of 0.9999 vs 0.99 is the finding
-            lines.append(f"| {any_r['method']} | {any_r['kind']} | "
+            lines.append(f"| {any_r['method']} | {v.split('-', 1)[1]} | "
                          + " | ".join(_cell_text(by.get(m), digits) for m in shown)
                          + f" | {n} | {' '.join(map(str, seeds))} |")
         lines.append("")
@@ -383,7 +516,7 @@ def plot_panels(records: list[dict[str, Any]], variants: list[str]) -> dict[str,
 
 def write_tables(ap: AblateParams) -> list[dict[str, Any]]:
     records = finished_records(ap)
-    rows = summarize(records, variants_of(ap))
+    rows = summarize(records, variants_of(ap), reference_variants(ap))
     atomic_write_bytes(ap.table_csv, table_csv(rows).encode())
     atomic_write_bytes(ap.table_md, table_markdown(rows, ap, len(records), len(grid(ap))).encode())
     panels = plot_panels(records, variants_of(ap))
@@ -452,6 +585,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--table-md", help="override ablate.table_md")
     ap.add_argument("--table-csv", help="override ablate.table_csv")
     ap.add_argument("--plot", help="override ablate.plot (\"\" = no picture)")
+    ap.add_argument("--image-tower", choices=["scratch", "locked"], help="override ablate.image_tower")
+    ap.add_argument("--patience", type=int, help="override ablate.patience (early stopping of every cell)")
     ap.add_argument("--table-only", action="store_true", help="only (re)write the table from the finished cells")
 
 
@@ -459,7 +594,8 @@ def run(args: argparse.Namespace) -> int:
     raw, base = load_sections(args.params)
     over = {k: v for k, v in {"name": args.name, "root": args.root, "methods": args.methods, "seeds": args.seeds,
                               "steps": args.steps, "epochs": args.epochs, "eval_sets": args.eval_sets,
-                              "table_md": args.table_md, "table_csv": args.table_csv, "plot": args.plot}.items()
+                              "table_md": args.table_md, "table_csv": args.table_csv, "plot": args.plot,
+                              "image_tower": args.image_tower, "patience": args.patience}.items()
             if v is not None}
     if args.methods is not None and "all_kinds_for" not in over:
         over["all_kinds_for"] = [m for m in raw.get("all_kinds_for", AblateParams().all_kinds_for)

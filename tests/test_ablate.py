@@ -109,8 +109,22 @@ def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
             rec = json.loads((ablate.cell_dir(ap, c) / "eval" / f"{ds}.json").read_text())
             per.setdefault((c.variant, ds), []).append(rec["metrics"])
     rows = list(csv.DictReader(io.StringIO(Path(ap.table_csv).read_text())))
-    assert rows and set(rows[0]) == set(ablate.CSV_FIELDS)
+    paired = {f"d_{ref}{end}" for ref in ("mean", "vanilla") for end in ("", "_low", "_high", "_n")}
+    assert rows and set(rows[0]) == set(ablate.CSV_FIELDS) | paired
     got = {(r["variant"], r["dataset"], r["metric"]): r for r in rows}
+    # Paired difference against vanilla: per seed, method - vanilla, then mean and its t interval (n = 2)
+    for metric in ("rsum", "i2t_R@1"):
+        d = [a[metric] - b[metric] for a, b in zip(per[("multi_prompt_div_neg-softmax", "gen")],
+                                                   per[("vanilla-softmax", "gen")])]
+        r = got[("multi_prompt_div_neg-softmax", "gen", metric)]
+        half = 12.706204736174698 * statistics.stdev(d) / math.sqrt(2)  # t(0.975, 1)
+        assert float(r["d_vanilla"]) == pytest.approx(sum(d) / 2, abs=1e-9) and r["d_vanilla_n"] == "2"
+        if half > 0:
+            assert float(r["d_vanilla_high"]) == pytest.approx(sum(d) / 2 + half, rel=1e-9)
+        assert got[("vanilla-softmax", "gen", metric)]["d_vanilla"] == ""  # no difference with itself
+        assert r["d_mean"] == "" and r["d_mean_n"] == "0"  # `mean` is not in this grid
+    # The schedule each cell reached is a row of the table too
+    assert float(got[("vanilla-softmax", "training", "steps")]["mean"]) == 3.0
     for (variant, ds), ms in per.items():
         for metric in ms[0]:
             vals = [m[metric] for m in ms]
@@ -218,3 +232,46 @@ def test_cli_table_only_rewrites_the_table_from_finished_cells(ran, tmp_path):
     assert rows and all(r["std"] == "" and r["n"] == "1" and r["seeds"] == "1" for r in rows)
     table = [ln for ln in md.read_text().splitlines() if ln.startswith("| vanilla")]
     assert table and "±" not in "".join(table) and not math.isnan(float(rows[0]["mean"]))
+
+
+def test_confidence_interval_and_paired_difference_against_hand_computed_values():
+    from campe.core.stats import mean_ci, paired_difference
+    # x = 2, 4, 4, 5: mean 3.75, std sqrt(4.75 / 3) = 1.258306, t(0.975, 3) = 3.182446 -> half-width 2.002245
+    st = mean_ci([2, 4, 4, 5])
+    assert st["mean"] == pytest.approx(3.75) and st["std"] == pytest.approx(1.2583057, rel=1e-6)
+    assert st["half"] == pytest.approx(2.002245, rel=1e-6) and st["low"] == pytest.approx(1.747755, rel=1e-6)
+    # paired, seeds 0-2 in common (seed 7 only in the method): d = 1, 2, 1 -> mean 4/3, std sqrt(1/3),
+    # t(0.975, 2) = 4.302653 -> half-width 4.302653 * sqrt(1/3) / sqrt(3) = 1.434218
+    d = paired_difference({0: 10.0, 1: 12.0, 2: 11.0, 7: 50.0}, {0: 9.0, 1: 10.0, 2: 10.0})
+    assert d["seeds"] == [0, 1, 2] and d["n"] == 3 and d["mean"] == pytest.approx(4 / 3)
+    assert d["half"] == pytest.approx(1.434218, rel=1e-5)
+    assert (d["low"], d["high"]) == (pytest.approx(-0.100884, rel=1e-4), pytest.approx(2.767551, rel=1e-5))
+    # the paired interval is narrower than the unpaired one when seeds move both methods alike
+    assert d["half"] < mean_ci([10, 12, 11])["half"] + mean_ci([9, 10, 10])["half"]
+    one = mean_ci([3.0])
+    assert one["n"] == 1 and math.isnan(one["std"]) and math.isnan(one["half"])
+    assert paired_difference({0: 1.0}, {1: 1.0}) is None
+
+
+def test_axes_add_cells_of_their_methods_and_cells_set_the_protocol(base, tmp_path):
+    ap = _ap(tmp_path, methods=["vanilla", "mean", "multi_prompt"], seeds=[0, 1, 2, 3, 4],
+             axes={"k": [1, 2, 4, 6, 8], "trainable_layers": [1, 2]}, axis_seeds=[0, 1, 2],
+             image_tower="locked", patience=3, epochs=20, steps=0)
+    ap.validate()
+    cells = grid(ap)
+    main = [c for c in cells if not c.axis]
+    axis = [c for c in cells if c.axis]
+    assert len(main) == 3 * 5 and len(axis) == 3 * (5 + 2)
+    assert {c.variant for c in axis if c.seed == 0} == {f"multi_prompt-softmax-k={k}" for k in (1, 2, 4, 6, 8)} | {
+        "multi_prompt-softmax-trainable_layers=1", "multi_prompt-softmax-trainable_layers=2"}
+    s = ablate.cell_sections(ap, base, Cell("multi_prompt", "softmax", 2, "k", 8))
+    assert s["text_encoder"]["k"] == 8 and s["text_encoder"]["init_seed"] == 2
+    t = s["train"]
+    assert (t["image_tower"], t["patience"], t["epochs"], t["seed"]) == ("locked", 3, 20, 2)
+    cfg = resolve_run_config(s)
+    assert cfg.text_encoder.n_prompts == 8 and cfg.train.image_tower == "locked"
+    # every cell of one ablation shares one (content-addressed) feature cache
+    assert len({ablate.cell_sections(ap, base, c)["train"]["image_features_dir"] for c in cells}) == 1
+    for bad in ({"axes": {"pooling": ["mean"]}}, {"axis_methods": ["vanilla"]}, {"references": ["nope"]}):
+        with pytest.raises(ValueError):
+            _ap(tmp_path, **{"axes": {"k": [2]}, **bad}).validate()

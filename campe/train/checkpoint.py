@@ -43,7 +43,7 @@ def build_run_model(cfg: RunConfig, tower: str = "plain") -> tuple[CLIPModel, di
     fields = dataclasses.asdict(cfg.model)
     if cfg.text_encoder is None:
         model, resolved = build_model("default", **fields)
-        return model, resolved, model.text
+        return _image_tower(model, cfg), resolved, model.text
     from campe.text.multiprompt import build_text_encoder
     encoder = build_text_encoder(cfg.text_encoder, embed_dim=cfg.model.embed_dim)
     text_tower = encoder
@@ -54,7 +54,18 @@ def build_run_model(cfg: RunConfig, tower: str = "plain") -> tuple[CLIPModel, di
     model, resolved = build_model("default", text_tower=text_tower, **fields)
     resolved["text_tower_kind"] = "multiprompt"  # the cache wrapper is a view of the same tower
     resolved["text_tower_config"] = dataclasses.asdict(cfg.text_encoder)
-    return model, resolved, encoder
+    return _image_tower(model, cfg), resolved, encoder
+
+
+def _image_tower(model: CLIPModel, cfg: RunConfig) -> CLIPModel:
+    """train.image_tower 'locked': the ViT replaced by campe.locked's tower (frozen backbone + trainable head),
+    initialised from model.init_seed (the caller's RNG stream untouched)."""
+    if cfg.train.image_tower == "locked":
+        from campe.locked import LockedImageTower
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.model.init_seed)
+            model.visual = LockedImageTower(cfg.model.vision_config(), embed_dim=cfg.model.embed_dim)
+    return model
 
 
 def frozen_parameter_names(model: nn.Module) -> set[str]:
@@ -96,6 +107,12 @@ def load_trained_model(out_dir: str | Path, device: str | torch.device = "cpu") 
     model, _, _ = build_run_model(cfg, "plain")
     state = torch.load(out_dir / FINAL, map_location="cpu", weights_only=True)["model"]
     load_trainable_state(model, _uncached_names(state, model), str(out_dir / FINAL))
+    if cfg.train.image_tower == "locked":  # features of images the run cached come from there, others run live
+        from campe.data.feature_cache import MANIFEST, FeatureStore
+        from campe.locked import feature_manifest
+        folder = Path(cfg.train.image_features_dir)
+        if (folder / MANIFEST).exists():
+            model.visual.attach(FeatureStore.open(folder, feature_manifest(cfg.model.image_size)), strict=False)
     return model.to(device).eval(), cfg
 
 

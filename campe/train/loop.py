@@ -61,6 +61,7 @@ from campe.train.checkpoint import (CKPT, FINAL, RUN_ID_FILE, build_run_model, l
                                     torch_save_atomic, trainable_state)
 from campe.train.distributed import (DistInfo, all_ranks_have, init_distributed, out_dir_lock, rng_state,
                                      set_rng_state, to_device)
+from campe.train.early_stopping import EarlyStopping, ValPairs
 from campe.train.log import LOG_FILE, plot_loss_curve, read_log, write_log
 from campe.train.optim import lr_factor, make_optimizer
 from campe.train.run_config import RunConfig, TrainParams
@@ -102,7 +103,9 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
         source = _shard_source(cfg, mode, encoder)
     text_input = _text_input_fn(cfg, model, mode)
     model.to(info.device)
+    _attach_locked_features(cfg, info, model, source)
     run = _Run.start(cfg, info, out, model, source)
+    run.setup_early_stopping(_val_text_fn(cfg, model, mode))
     resume_rng = run.restore() if resume and run.ckpt_path.exists() else run.fresh_log()
     run.wrap_ddp()
     objective = CampeObjective.from_config(cfg.loss, info.rank, info.world_size)
@@ -137,6 +140,40 @@ def _resolve_model(cfg: RunConfig, source: Any, model: CLIPModel | None) -> tupl
     return model, resolved, encoder, mode
 
 
+def _attach_locked_features(cfg: RunConfig, info: DistInfo, model: CLIPModel, source: Any) -> None:
+    """train.image_tower 'locked': the backbone features of every train image (and val image, with early stopping)
+    go into train.image_features_dir once (rank 0; resumable); the steps then read them from there (strict: a step
+    never runs the backbone)."""
+    visual = model.visual
+    if not hasattr(visual, "attach"):
+        return
+    from campe.data.feature_cache import FeatureStore
+    from campe.locked import build_feature_cache, feature_manifest
+    tp = cfg.train
+    images = getattr(source, "images", None)
+    kw: dict[str, Any] = {"images": images} if images is not None else {"shards_dir": tp.shards_dir}
+    if tp.patience:
+        kw.update(karpathy_json=tp.val_set, splits=("val",))
+    store = None
+    if info.main:
+        store = build_feature_cache(tp.image_features_dir, visual, progress=_progress_enabled(tp, info), **kw)
+    if info.world_size > 1:
+        dist.barrier()
+    if store is None:
+        store = FeatureStore.open(tp.image_features_dir, feature_manifest(cfg.model.image_size))
+    visual.attach(store, strict=True)
+
+
+def _val_text_fn(cfg: RunConfig, model: CLIPModel, mode: str) -> Callable[[list[str]], Any]:
+    """Captions -> the text tower's input, for the val loss (the LM towers take captions; the frozen layers then
+    run on the fly)."""
+    if cfg.text_encoder is None:
+        return model.text.tokenize
+    if mode == "plain":
+        return model.text.layout
+    return lambda captions: list(captions)
+
+
 def _shard_source(cfg: RunConfig, mode: str, encoder: Any) -> Any:
     tp = cfg.train
     if mode != "plain":
@@ -162,6 +199,12 @@ class _Run:
         self.pending: list[tuple[int, int, float, dict[str, torch.Tensor]]] = []  # (step, epoch, lr, terms) to flush
         self.tracker: Tracker | None = None
         self.window_start, self.window_steps = 0.0, 0
+        self.per_epoch = max(1, source.batches_per_epoch(cfg.train.batch_size))
+        self.stopper: EarlyStopping | None = None  # train.patience > 0
+        self.val: ValPairs | None = None
+        self.val_text: Callable[[list[str]], Any] | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None  # trainable weights of the best val evaluation
+        self.best_step = 0
 
     @classmethod
     def start(cls, cfg: RunConfig, info: DistInfo, out: Path, model: CLIPModel, source: Any) -> "_Run":
@@ -181,6 +224,41 @@ class _Run:
         random.seed(tp.seed + info.rank)
         return run
 
+    def setup_early_stopping(self, val_text: Callable[[list[str]], Any]) -> None:
+        """train.patience > 0: the val pairs (decoded once) and the rule (campe.train.early_stopping)."""
+        tp = self.tp
+        if not tp.patience:
+            return
+        self.stopper = EarlyStopping(tp.patience)
+        self.val = ValPairs.from_karpathy(tp.val_set, self.cfg.model.image_size)
+        self.val_text = val_text
+        self.val_objective = CampeObjective.from_config(self.cfg.loss)  # one process: every rank the whole set
+
+    def val_due(self) -> bool:
+        every = self.tp.val_every or self.per_epoch
+        return self.stopper is not None and (self.step % every == 0 or self.step == self.total)
+
+    def validate(self) -> None:
+        """Val loss of the current weights into the rule (the best weights kept), val_log.json and MLflow."""
+        loss = self.val.loss(self.model, self.val_text, self.val_objective, self.tp.batch_size, self.info.device)
+        if self.stopper.update(loss):
+            self.best_state, self.best_step = trainable_state(self.model), self.step
+        if self.info.main:
+            atomic_write_json(self.out / "val_log.json", {**self.early_stopping_summary(),
+                                                          "history": self.stopper.history})
+            if self.tracker is not None:
+                self.tracker.log_metrics([{"step": self.step, "val_loss": loss}])
+
+    def early_stopping_summary(self) -> dict[str, Any]:
+        """What metrics.json and the ablation table record: evaluations, the epoch reached, the best one."""
+        if self.stopper is None:
+            return {}
+        st = self.stopper
+        return {"val_evals": st.evals, "best_val_loss": round(st.best, 6), "best_step": self.best_step,
+                "best_epoch": round(self.best_step / self.per_epoch, 3),
+                "epochs_run": round(self.step / self.per_epoch, 3), "stopped_early": st.stop,
+                "patience": self.tp.patience}
+
     def restore(self) -> dict | None:
         """Continue from ckpt_last.pt; returns this rank's saved RNG state (None: other world size, reseeded)."""
         info, ckpt_path = self.info, self.ckpt_path
@@ -194,6 +272,9 @@ class _Run:
         self.step, self.epoch, self.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
         self.run_id = ck["mlflow_run_id"]
         self.skipped.update(ck.get("skipped", {}))
+        if self.stopper is not None and ck.get("early_stopping") is not None:
+            self.stopper.load_state_dict(ck["early_stopping"])
+            self.best_state, self.best_step = ck["best_state"], ck["best_step"]
         resume_rng = ck["rng"][info.rank] if len(ck["rng"]) == info.world_size else None
         if resume_rng is None and info.main:
             print(f"campe train: resuming on {info.world_size} ranks from {len(ck['rng'])}: RNG streams reseeded "
@@ -297,6 +378,8 @@ class _Run:
                                "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                                "batch_in_epoch": self.batch_in_epoch, "rng": states, "mlflow_run_id": self.run_id,
                                "skipped": dict(self.skipped),
+                               "early_stopping": None if self.stopper is None else self.stopper.state_dict(),
+                               "best_state": self.best_state, "best_step": self.best_step,
                                "config_hash": self.cfg.hash(runtime=False), "world_size": info.world_size},
                               self.ckpt_path)
 
@@ -378,8 +461,14 @@ def _loop(run: _Run, objective: CampeObjective, text_input: Callable[[dict], Any
                 continue
             empty_epochs = 0
             loss = run.train_step(batch, objective, text_input, autocast, params)
+            if run.val_due():
+                run.validate()
             run.after_step(bar, loss)
-        if run.step < run.total:  # stop_at: paused (or, checkpoint_at_stop=False, as if killed); MLflow run stays open
+            if run.stopper is not None and run.stopper.stop:
+                break
+        stopped_early = run.stopper is not None and run.stopper.stop
+        # stop_at: paused (or, checkpoint_at_stop=False, as if killed); the MLflow run stays open
+        if run.step < run.total and not stopped_early:
             status = "RUNNING"
             if checkpoint_at_stop:
                 run.flush()
@@ -388,8 +477,11 @@ def _loop(run: _Run, objective: CampeObjective, text_input: Callable[[dict], Any
                     "out_dir": str(run.out)}
         run.flush()
         run.checkpoint()
+        if run.best_state is not None:  # early stopping: the final model is the best val evaluation's
+            load_trainable_state(run.model, run.best_state, "best val weights")
         summary = _finish(run.cfg, info, run.model, resolved, run.out, run.tracker, run.step, run.total, start_step,
-                          time.perf_counter() - t_start, run.run_id, run.skipped, run.total_samples)
+                          time.perf_counter() - t_start, run.run_id, run.skipped, run.total_samples,
+                          run.early_stopping_summary())
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:
@@ -414,7 +506,7 @@ def _text_input_fn(cfg: RunConfig, model: CLIPModel, mode: str) -> Callable[[dic
 
 def _finish(cfg: RunConfig, info: DistInfo, model: CLIPModel, resolved: dict, out: Path, tracker: Tracker | None,
             step: int, total: int, start_step: int, elapsed: float, run_id: str | None, skipped: dict[str, str],
-            total_samples: int | None) -> dict[str, Any]:
+            total_samples: int | None, early: dict[str, Any] | None = None) -> dict[str, Any]:
     tp = cfg.train
     samples_per_s = (step - start_step) * tp.batch_size / max(elapsed, 1e-9)
     skip_fraction = round(len(skipped) / total_samples, 6) if total_samples else 0.0
@@ -433,7 +525,8 @@ def _finish(cfg: RunConfig, info: DistInfo, model: CLIPModel, resolved: dict, ou
     diagnostics = {k: round(v, 6) for k, v in text_diagnostics(model.text).items()}  # {} without prompts
     metrics = {"steps": step, "samples_per_s": summary["samples_per_s"], "world_size": info.world_size,
                "skipped_samples": len(skipped), "skipped_fraction": skip_fraction,
-               **{f"final_{k}": v for k, v in summary["final"].items()}, **diagnostics}
+               **{f"final_{k}": v for k, v in summary["final"].items()}, **diagnostics, **(early or {})}
+    summary.update(early or {})
     atomic_write_json(out / "metrics.json", metrics)
     if tp.metrics_file:
         atomic_write_json(tp.metrics_file, metrics)

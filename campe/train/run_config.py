@@ -29,6 +29,7 @@ from campe.text.multiprompt import MultiPromptConfig
 
 
 PRECISIONS = ("fp32", "bf16")
+IMAGE_TOWERS = ("scratch", "locked")  # the ViT trained from scratch | LiT: frozen pretrained backbone (campe.locked)
 TRAIN_SECTIONS = ("text_encoder", "model", "loss", "train")  # the params sections one training run reads
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -89,6 +90,11 @@ class TrainParams:
     run_name: str = ""  # MLflow run name; "" = train/<method>/<UTC date>
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # undecodable images: stop once more than this fraction
     apt_lr_mult: float = 1.0  # the APT vectors' lr = lr x this (campe/train/optim.py)
+    image_tower: str = "scratch"  # scratch (ViT from scratch) | locked (frozen EfficientNet-Lite0 features, cached)
+    image_features_dir: str = "data/cache/image_features"  # locked: the feature cache (built when missing)
+    patience: int = 0  # early stopping: stop once the val loss has not improved for this many evaluations; 0 = off
+    val_every: int = 0  # steps between val-loss evaluations (patience > 0); 0 = once per epoch
+    val_set: str = "data/generated/dataset_karpathy.json"  # patience > 0: its "val" split gives the val loss
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -112,16 +118,24 @@ class TrainParams:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device '{self.device}' is not one of: auto, cpu, cuda")
         validate_max_skip_fraction(self.max_skip_fraction)
+        if self.image_tower not in IMAGE_TOWERS:
+            raise ValueError(f"image_tower '{self.image_tower}' is not one of: {', '.join(IMAGE_TOWERS)}")
+        if self.patience < 0 or self.val_every < 0:
+            raise ValueError(f"patience and val_every must be >= 0, got {self.patience}, {self.val_every}")
+        if self.patience and not self.val_set:
+            raise ValueError("patience > 0 needs val_set (a Karpathy-split JSON with a 'val' split)")
 
 
 # Fields that may change between a run and its resume (they do not change the numbers).
 RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_workers", "log_every", "ckpt_every",
-                  "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device", "max_skip_fraction")
+                  "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device", "max_skip_fraction",
+                  "image_features_dir", "val_set")
 # Fields added after runs existed, hashed only when set to another value than this one: the hash of a config that
 # leaves them at their defaults (and the resume and finished-cell checks built on it) stays what it was.
 HASHED_IF_NOT = {("text_encoder", "apt_placeholder"): "shared", ("text_encoder", "apt_entry"): "first_trainable",
                  ("text_encoder", "apt_init_noise"): 0.02, ("loss", "div_space"): "heads",
-                 ("train", "apt_lr_mult"): 1.0}
+                 ("train", "apt_lr_mult"): 1.0, ("train", "image_tower"): "scratch", ("train", "patience"): 0,
+                 ("train", "val_every"): 0}
 
 
 @dataclass
