@@ -147,7 +147,7 @@ def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
 
 
 def _md_table(md: str, title: str) -> tuple[list[str], dict[str, list[str]]]:
-    section = md.split(title + "\n", 1)[1].split("###", 1)[0]
+    section = md.split(title + "\n", 1)[1].split("\n#", 1)[0]
     table = [[x.strip() for x in ln.strip("|").split("|")] for ln in section.splitlines() if ln.startswith("|")]
     return table[0], {row[0]: row for row in table[2:]}
 
