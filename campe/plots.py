@@ -201,7 +201,9 @@ def grouped_bars(panels: dict[str, dict[str, dict[str, list[float]]]], out_png: 
             vals = [np.asarray(by_group.get(g, []), dtype=float) for g in groups]
             means = [v.mean() if len(v) else np.nan for v in vals]
             stds = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]
-            ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=label or None)
+            spread = any(len(v) > 1 for v in vals)  # one value per group: no error bar to draw
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=stds if spread else None, capsize=2,
+                   label=label or None)
         ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(name, fontsize=9)
