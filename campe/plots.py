@@ -4,6 +4,8 @@
     retrieval_examples_grid(captions, top5_paths, top5_is_correct, "plots/retrieval_examples.png")
     aspect_maps_grid(images_uint8, apt_maps, ["subject", "position", "secondary", "background"], "plots/apt_maps.png")
     recall_bars({"plain": m, "re-weighted": m_w}, "plots/recall.png")
+    grouped_bars({"t2i R@1": {"vanilla": {"subject": [41.0, 43.5]}}}, "plots/by_aspect.png")   # per-seed values
+    heatmaps({"t2i R@5": (matrix, row_labels, column_labels)}, "plots/specialisation.png")
 """
 from __future__ import annotations
 
@@ -176,5 +178,72 @@ def seed_spread_bars(panels: dict[str, dict[str, list[float]]], out_png: str | P
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def grouped_bars(panels: dict[str, dict[str, dict[str, list[float]]]], out_png: str | Path,
+                 ylabel: str = "recall (%)", title: str | None = None) -> Path:
+    """One panel per {panel title: {series: {group: [value per seed]}}}: groups along x (e.g. aspect mixes), one
+    bar per series (e.g. method) at the mean, with the sample std (n - 1) as an error bar when there are >= 2
+    values."""
+    panels = {k: v for k, v in panels.items() if v and any(v.values())}
+    if not panels:
+        raise ValueError("grouped_bars: nothing to plot (no panel has a series with values)")
+    groups = list(dict.fromkeys(g for p in panels.values() for s in p.values() for g in s))
+    n_series = max(len(p) for p in panels.values())
+    fig, axes = _pyplot().subplots(len(panels), 1, squeeze=False,
+                                   figsize=(max(5.0, 0.35 * len(groups) * max(n_series, 2) + 1.5), 3.4 * len(panels)))
+    x = np.arange(len(groups))
+    for ax, (name, series) in zip(axes[:, 0], panels.items()):
+        width = 0.8 / max(len(series), 1)
+        for i, (label, by_group) in enumerate(series.items()):
+            vals = [np.asarray(by_group.get(g, []), dtype=float) for g in groups]
+            means = [v.mean() if len(v) else np.nan for v in vals]
+            stds = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]
+            spread = any(len(v) > 1 for v in vals)  # one value per group: no error bar to draw
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=stds if spread else None, capsize=2,
+                   label=label or None)
+        ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=6, ncol=min(4, len(series)), loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def heatmaps(panels: dict[str, tuple], out_png: str | Path, title: str | None = None, fmt: str = "%.1f",
+             cmap: str = "viridis") -> Path:
+    """One annotated heat map per {panel title: (matrix [R, C], row labels, column labels)} (e.g. the K x aspect
+    specialisation matrix with its all-segments row); each panel has its own colour scale, centred on 0 (diverging
+    colours) when it holds negative values."""
+    if not panels:
+        raise ValueError("heatmaps: no panel")
+    fig, axes = _pyplot().subplots(1, len(panels), squeeze=False,
+                                   figsize=(sum(1.2 + 0.75 * len(c) for _, _, c in panels.values()),
+                                            1.2 + 0.45 * max(len(r) for _, r, _ in panels.values())))
+    for ax, (name, (matrix, rows, cols)) in zip(axes[0], panels.items()):
+        m = np.asarray(matrix, dtype=float)
+        if m.shape != (len(rows), len(cols)):
+            raise ValueError(f"heatmaps: panel {name!r} is {m.shape}, labels say {(len(rows), len(cols))}")
+        finite = m[np.isfinite(m)]
+        if finite.size and finite.min() < 0:
+            lim = float(np.abs(finite).max()) or 1.0
+            im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        else:
+            im = ax.imshow(m, cmap=cmap, aspect="auto")
+        for (r, c), v in np.ndenumerate(m):
+            ax.text(c, r, fmt % v if np.isfinite(v) else "-", ha="center", va="center", fontsize=7,
+                    color="black", bbox=dict(boxstyle="round,pad=0.1", fc="white", alpha=0.6, lw=0))
+        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_title(name, fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)

@@ -24,7 +24,10 @@ The grid: every method in `ablate.methods` with the contrastive kind `ablate.kin
     4. <cell>/cell.json (written last, atomically) marks the cell finished; after every cell the table is rewritten
        from all finished cells: `ablate.table_md` (Markdown) and `ablate.table_csv` (long CSV: variant, method,
        kind, dataset, metric, mean, std, n, seeds). std is the sample standard deviation (n - 1); empty for n = 1.
-       `ablate.plot` shows the headline metrics per variant: mean bar, std error bar and every seed as a dot.
+       `ablate.plot` shows the headline metrics per variant: mean bar, std error bar and every seed as a dot;
+       beside it, <stem>_aspects.png (text -> image recall by the query caption's aspect mix) and
+       <stem>_specialisation.png (per variant with prompt segments, the K x aspect specialisation matrix), with the
+       Markdown tables of both and of the aspect re-weighting under each retrieval set's table.
 
 Resumable: a finished cell (cell.json whose config hash matches) is skipped; a cell killed during training
 continues from its checkpoint (train(resume=True), exact on CPU); killed during evaluation, it re-evaluates; caches
@@ -459,8 +462,9 @@ def paired_markdown(rows: list[dict[str, Any]], refs: dict[str, str]) -> list[st
 
 
 def table_markdown(rows: list[dict[str, Any]], ap: AblateParams, cells_done: int, cells_total: int) -> str:
-    """The paired-difference table, then one table per eval set (and the schedule reached, "training"): rows =
-    variants, columns = metrics (mean ± std over seeds), n and seeds."""
+    """The paired-difference table, then one table per eval set (and the schedule reached, "training"; the aspect
+    tables under each retrieval set): rows = variants, columns = metrics (mean ± std over seeds), n and seeds."""
+    from stages.ablate_aspects import aspect_tables
     schedule = ('steps ' + str(ap.steps) if ap.steps else ('epochs ' + str(ap.epochs) if ap.epochs
                                                           else 'the train section schedule'))
     if ap.patience:
@@ -497,6 +501,7 @@ def table_markdown(rows: list[dict[str, Any]], ap: AblateParams, cells_done: int
                          + " | ".join(_cell_text(by.get(m), digits) for m in shown)
                          + f" | {n} | {' '.join(map(str, seeds))} |")
         lines.append("")
+        lines += aspect_tables(sub, ds)  # issue 15 §4: by aspect mix, re-weighting, specialisation (when measured)
     return "\n".join(lines)
 
 
@@ -524,6 +529,9 @@ def write_tables(ap: AblateParams) -> list[dict[str, Any]]:
         from campe.plots import seed_spread_bars
         seed_spread_bars(panels, ap.plot, title=f"ablation {ap.name}: mean ± std over seeds, dots = seeds "
                                                 f"({len(records)}/{len(grid(ap))} cells)")
+    if ap.plot:
+        from stages.ablate_aspects import write_aspect_plots
+        write_aspect_plots(ap, records, rows)
     return rows
 
 

@@ -12,8 +12,14 @@ cached.
 For each image set (Karpathy-split JSON: Flickr30k, COCO, the generated set) and video set (MSR-VTT style folder),
 writes `<metrics_dir>/<name>.json` (dataset, split, caption policy, checkpoint, params hash, the metrics
 `i2t_R@1` ... `t2i_median_rank`, and the aspect re-weighted metrics when weights are set), a recall bar chart, a
-retrieval-examples grid and, for multi-prompt models, one patch-similarity map per prompt segment. Zero-shot
-classification on the generated set's shape and colour classes goes to `<metrics_dir>/zero_shot.json`. Everything
+retrieval-examples grid and, for multi-prompt models, one patch-similarity map per prompt segment. When the
+captions name their aspects (a generated set), retrieval aspect by aspect (campe.core.aspects): text -> image R@1/R@5
+by the query caption's aspect mix and aspect type (`mix/...`, `aspect/...`, picture `<set>_by_aspect.png`); for
+models with K >= 2 prompt segments the K x aspect specialisation matrix (`seg<k>/...`, `<set>_specialisation.png`)
+and the aspect re-weighting chosen on `aspect_val_split` and measured on the evaluated split (`reweight/...`).
+Zero-shot classification on the generated set's shape and colour classes goes to `<metrics_dir>/zero_shot.json`,
+for each prompt set of `zero_shot_prompts` (grammar: the generator's own subject phrases; templates: the old
+"a photo of a {} object." set), with the rate of colour predictions that are the image's background colour. Everything
 is also logged to the training run in MLflow when the checkpoint has an `mlflow_run_id.txt`.
 
 Images and video frames are preprocessed as in training (campe.data.imageprep: aspect ratio kept, white border). An
@@ -34,12 +40,14 @@ from typing import Any
 import torch
 
 from campe import plots
+from campe.core import aspects as asp
 from campe.core.config import load_params
 from campe.core.io import atomic_write_json, json_sha256, store_uri
-from campe.core.retrieval import RetrievalParams, eval_record, retrieval_metrics, zero_shot_classify
+from campe.core.retrieval import (RetrievalParams, eval_record, retrieval_metrics, zero_shot_classify,
+                                  zero_shot_predict)
 from campe.core.tracking import log_batch
-from campe.data.evaldata import (ZERO_SHOT_TEMPLATES, EvalDataParams, class_folder, class_prompts, load_karpathy,
-                                 load_msrvtt, make_zero_shot_folders)
+from campe.data.evaldata import (ZERO_SHOT_PROMPT_SETS, EvalDataParams, class_folder, load_karpathy, load_msrvtt,
+                                 load_scenes, make_zero_shot_folders, zero_shot_prompts)
 from campe.data.imageprep import DEFAULT_MAX_SKIP_FRACTION, SkipCounter, validate_max_skip_fraction
 from campe.embed import Embedder
 
@@ -63,6 +71,11 @@ class EvaluateParams(RetrievalParams, EvalDataParams):
     batch_size: int = 256
     examples: int = 4  # queries shown in the retrieval-examples grid and images in the aspect maps
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # undecodable images/videos: stop past this fraction
+    # zero-shot class prompts, each set reported (the first with plain keys, the others as <set>/<key>):
+    # grammar = the generator's own subject phrases, templates = "a photo of a {} object." (the old set)
+    zero_shot_prompts: list[str] = field(default_factory=lambda: ["grammar", "templates"])
+    aspect_val_split: str = "val"  # split of an image set with aspects where re-weighting is chosen ("" = not measured)
+    reweight_grid: list[float] = field(default_factory=lambda: list(asp.REWEIGHT_GRID))  # up-weights tried (1 always)
 
     def validate(self) -> None:
         # The two library dataclasses own the checks of their fields.
@@ -71,6 +84,15 @@ class EvaluateParams(RetrievalParams, EvalDataParams):
         if self.batch_size < 1 or self.examples < 0:
             raise ValueError("batch_size must be >= 1 and examples >= 0")
         validate_max_skip_fraction(self.max_skip_fraction)
+        bad = [x for x in self.zero_shot_prompts if x not in ZERO_SHOT_PROMPT_SETS]
+        if not self.zero_shot_prompts or bad or len(set(self.zero_shot_prompts)) != len(self.zero_shot_prompts):
+            raise ValueError(f"zero_shot_prompts {self.zero_shot_prompts} must be distinct values of "
+                             f"{list(ZERO_SHOT_PROMPT_SETS)}")
+        if not self.reweight_grid or not all(0 < w < float("inf") for w in self.reweight_grid):
+            raise ValueError(f"reweight_grid {self.reweight_grid} must be a non-empty list of weights > 0")
+        if self.aspect_val_split and self.aspect_val_split == self.karpathy_split:
+            raise ValueError(f"aspect_val_split {self.aspect_val_split!r} is the evaluated split: re-weighting "
+                             f"is chosen on another split (val) and reported on {self.karpathy_split!r}")
 
 
 def eval_params_hash(p: EvaluateParams) -> str:
@@ -146,12 +168,66 @@ def evaluate_image_set(p: EvaluateParams, emb: Embedder, name: str, ann: str) ->
         files.append(_examples_grid(p, name, img, txt, ds.image_paths, ds.captions, ds.txt_to_img))
     if k is not None and p.examples:
         files.append(_aspect_maps(p, name, emb, ds.image_paths, ds.captions, ds.txt_to_img, txt, k))
+    extra: dict[str, Any] = {}
+    if ds.aspects:  # the captions name their aspects (a generated set): retrieval aspect by aspect
+        by_aspect, extra, more = _aspect_analysis(p, emb, name, ann, img, txt, ds, k)
+        metrics.update(by_aspect)
+        files += more
     rec = eval_record(metrics, dataset=name, split=p.karpathy_split, caption_policy=f"first {p.max_captions}",
                       checkpoint=p.checkpoint, params_hash=eval_params_hash(p), weights=p.aspect_weights or None,
                       ties=p.ties, tie_tol=p.tie_tol, annotation=str(ann), images=len(ds.image_paths),
                       captions=len(ds.captions),
-                      skipped=ds.skipped, undecodable=bad.counter.record(), k_segments=k)
+                      skipped=ds.skipped, undecodable=bad.counter.record(), k_segments=k, **extra)
     return {"record": rec, "files": files}
+
+
+def _aspect_analysis(p: EvaluateParams, emb: Embedder, name: str, ann: str, img: torch.Tensor, txt: torch.Tensor,
+                     ds, k: int | None) -> tuple[dict[str, float], dict[str, Any], list[Path]]:
+    """(metrics, record fields, pictures) of campe.core.aspects on a set whose captions name their aspects: t2i
+    R@1/R@5 by the query caption's aspect mix and by aspect type; with K >= 2 prompt segments also the
+    specialisation matrix (segment k's similarity alone) and the re-weighting chosen on `aspect_val_split`."""
+    from campe.data.synth_scenes import ASPECTS
+
+    kw = dict(order=ASPECTS, ties=p.ties, tie_tol=p.tie_tol)
+    metrics = asp.aspect_breakdown(img, txt, ds.txt_to_img, ds.aspects, **kw)
+    extra: dict[str, Any] = {"aspect_captions": asp.aspect_counts(ds.aspects, ASPECTS)}
+    n = extra["aspect_captions"]["mix"]
+    panels = {f"text -> image R@{q} by the query caption's aspect mix (captions)":
+              {"": {f"{m} ({n[m]})": [metrics[f"mix/{m}/t2i_R@{q}"]] for m in n}} for q in asp.ASPECT_KS}
+    files = [plots.grouped_bars(panels, Path(p.plots_dir) / f"{name}_by_aspect.png", title=name)]
+    if k is None or k < 2:
+        return metrics, extra, files
+    spec = asp.specialisation(img, txt, ds.txt_to_img, ds.aspects, k, **kw)
+    metrics.update(asp.specialisation_metrics(spec))
+    extra["specialisation"] = spec
+    rows, cols = spec["rows"], spec["aspects"]
+    files.append(plots.heatmaps(
+        {"t2i R@1 (%)": (spec["t2i_R@1"], rows, cols), "t2i R@5 (%)": (spec["t2i_R@5"], rows, cols),
+         "R@1 + R@5 minus the segment's mean": (asp.specialisation_scores(spec), rows[:-1], cols)},
+        Path(p.plots_dir) / f"{name}_specialisation.png",
+        title=f"{name}: text -> image with segment k's similarity alone, by an aspect the query mentions"))
+    if p.aspect_val_split:
+        plan = _choose_reweighting(p, emb, name, ann, k, kw)
+        metrics.update(asp.reweighting_effect(img, txt, ds.txt_to_img, ds.aspects, plan, k, **kw))
+        extra["reweighting"] = {"chosen_on": p.aspect_val_split, "grid": p.reweight_grid, "per_aspect": plan}
+    return metrics, extra, files
+
+
+def _choose_reweighting(p: EvaluateParams, emb: Embedder, name: str, ann: str, k: int, kw: dict) -> dict:
+    """The per-aspect segment and weight, chosen on the `aspect_val_split` images of the same annotation file."""
+    split = p.aspect_val_split
+    hint = "set evaluate.aspect_val_split: \"\" to skip the re-weighting measurement"
+    try:
+        val = load_karpathy(ann, split=split, max_captions=p.max_captions, on_missing=p.on_missing)
+    except ValueError as e:
+        raise ValueError(f"{e}; re-weighting is chosen on split {split!r}: {hint}") from None
+    if not val.aspects:
+        raise ValueError(f"{ann}: the captions of split {split!r} do not name their aspects; {hint}")
+    bad = _Undecodable(f"{name}/{split}", len(val.image_paths), p)
+    img = emb.images(val.image_paths, bad)
+    val = val.without(bad.indices)
+    txt, _ = emb.texts(val.captions)
+    return asp.choose_reweighting(img, txt, val.txt_to_img, val.aspects, k, p.reweight_grid, **kw)
 
 
 def evaluate_video_set(p: EvaluateParams, emb: Embedder, name: str, root: str) -> dict[str, Any]:
@@ -174,34 +250,56 @@ def evaluate_video_set(p: EvaluateParams, emb: Embedder, name: str, root: str) -
 
 
 def evaluate_zero_shot(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict[str, Any]:
-    """Shape and colour classification of the generated test images from class-name prompts."""
+    """Shape and colour classification of the generated test images, with each prompt set of
+    evaluate.zero_shot_prompts (the first with plain keys, the others as <set>/<key>); for colour also how often the
+    top-1 prediction is one of the image's background colours (wrong by construction: the generator never paints
+    the main subject in its background's colour), and that rate for a uniformly random prediction."""
     folders = make_zero_shot_folders(p.zero_shot_root, work_dir / "zero_shot")
+    scenes = load_scenes(p.zero_shot_root, "test")
     metrics: dict[str, float] = {}
     undecodable: dict[str, dict] = {}
+    classes: dict[str, int] = {}
     for task, folder in folders.items():
         paths, labels, names = class_folder(folder)
-        prompts = class_prompts(names, ZERO_SHOT_TEMPLATES[task])
-        C, T = len(prompts), len(prompts[0])
-        txt, seg = emb.texts([s for row in prompts for s in row])
-        class_emb = txt.view(C, T, -1)
         bad = _Undecodable(f"zero_shot/{task}", len(paths), p)
         img = emb.images(paths, bad)
         dropped = set(bad.indices)
-        labels = [y for i, y in enumerate(labels) if i not in dropped]
-        undecodable[task] = bad.counter.record()
-        ks = [k for k in p.zero_shot_ks if k <= C]
-        res = zero_shot_classify(img, class_emb, torch.as_tensor(labels), ks=ks, ties=p.ties,
-                                 tie_tol=p.tie_tol)
-        metrics.update({f"{task}_{k}": v for k, v in res.items()})
-        if p.aspect_weights and seg is not None:
-            res = zero_shot_classify(img, class_emb, torch.as_tensor(labels), ks=ks, ties=p.ties,
-                                     tie_tol=p.tie_tol, weights=p.aspect_weights, k_segments=seg.shape[1])
-            metrics.update({f"reweighted_{task}_{k}": v for k, v in res.items()})
-    rec = eval_record(metrics, dataset="generated_zero_shot", split="test", caption_policy="class-name templates",
+        kept = [i for i in range(len(paths)) if i not in dropped]
+        undecodable[task], classes[task] = bad.counter.record(), len(names)
+        y = torch.as_tensor([labels[i] for i in kept])
+        bg = [set(scenes[Path(paths[i]).name]["background"]["colours"]) for i in kept] if task == "colour" else None
+        for j, prompt_set in enumerate(p.zero_shot_prompts):
+            pre = "" if j == 0 else f"{prompt_set}/"
+            res = _zero_shot_task(p, emb, img, y, names, task, prompt_set, bg)
+            metrics.update({pre + key: v for key, v in res.items()})
+        if bg is not None:
+            metrics[f"{task}_background_chance"] = 100.0 * sum(len(b & set(names)) / len(names) for b in bg) / len(bg)
+    rec = eval_record(metrics, dataset="generated_zero_shot", split="test",
+                      caption_policy=f"class prompts: {', '.join(p.zero_shot_prompts)} (the first: plain keys)",
                       checkpoint=p.checkpoint, params_hash=eval_params_hash(p), weights=p.aspect_weights or None,
-                      ties=p.ties, tie_tol=p.tie_tol, classes={t: len(class_folder(f)[2]) for t, f in folders.items()},
+                      ties=p.ties, tie_tol=p.tie_tol, classes=classes, prompt_sets=list(p.zero_shot_prompts),
                       undecodable=undecodable)
     return {"record": rec, "files": []}
+
+
+def _zero_shot_task(p: EvaluateParams, emb: Embedder, img: torch.Tensor, y: torch.Tensor, names: list[str],
+                    task: str, prompt_set: str, bg: list[set] | None) -> dict[str, float]:
+    """<task>_top1, <task>_top1_is_background (bg given: each image's background colours), <task>_top5, and
+    the reweighted_ ones when evaluate.aspect_weights is set."""
+    prompts = zero_shot_prompts(task, names, prompt_set)
+    txt, seg = emb.texts([s for row in prompts for s in row])
+    class_emb = txt.view(len(prompts), len(prompts[0]), -1)
+    kw = dict(ks=[k for k in p.zero_shot_ks if k <= len(names)], ties=p.ties, tie_tol=p.tie_tol)
+    out: dict[str, float] = {}
+    for pre, w in [("", {})] + ([("reweighted_", dict(weights=p.aspect_weights, k_segments=seg.shape[1]))]
+                                if p.aspect_weights and seg is not None else []):
+        res = zero_shot_classify(img, class_emb, y, **kw, **w)
+        out[f"{pre}{task}_top1"] = res.pop("top1")
+        if bg is not None:
+            pred = zero_shot_predict(img, class_emb, **w).tolist()
+            out[f"{pre}{task}_top1_is_background"] = 100.0 * sum(names[c] in b for c, b in zip(pred, bg)) / len(bg)
+        out.update({f"{pre}{task}_{key}": v for key, v in res.items()})
+    return out
 
 
 def evaluate_all(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict[str, dict[str, Any]]:
@@ -346,7 +444,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"nothing to evaluate: {args.params}:evaluate has no image_sets, no video_sets and an "
                          "empty zero_shot_root (and none was named with --image-set / --video-set / --zero-shot)")
     results = run_stage(p, base_dir=os.path.dirname(os.path.abspath(args.params)))
-    summary = {name: {k: round(v, 2) for k, v in r["record"]["metrics"].items() if "R@1" in k or "top1" in k}
-               for name, r in results.items()}
+    per_aspect = ("mix/", "aspect/", "seg", "reweight/")  # in the metrics files; the summary line stays short
+    summary = {name: {k: round(v, 2) for k, v in r["record"]["metrics"].items()
+                      if ("R@1" in k or "top1" in k) and not k.startswith(per_aspect)} for name, r in results.items()}
     print(json.dumps(summary))
     return 0

@@ -180,6 +180,44 @@ def test_table_shows_each_prompt_cell_s_diagnostics_from_its_metrics_file(ran):
     for name, text in zip(header[2:-2], rows["multi_prompt_div_neg"][2:-2]):
         xs = [m[name] for m in vals["multi_prompt_div_neg-softmax"]]
         assert text == f"{statistics.fmean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+def _md_table(md: str, title: str) -> tuple[list[str], dict[str, list[str]]]:
+    section = md.split(title + "\n", 1)[1].split("\n#", 1)[0]
+    table = [[x.strip() for x in ln.strip("|").split("|")] for ln in section.splitlines() if ln.startswith("|")]
+    return table[0], {row[0]: row for row in table[2:]}
+
+
+def test_aspect_tables_and_pictures_follow_the_cells_metrics(ran):
+    from stages.ablate_aspects import aspect_plot_paths
+
+    ap, _, _ = ran
+    md = Path(ap.table_md).read_text()
+    got = {(r["variant"], r["dataset"], r["metric"]): r for r in csv.DictReader(io.StringIO(Path(ap.table_csv)
+                                                                                            .read_text()))}
+
+    def text(variant: str, metric: str) -> str:
+        r = got[(variant, "gen", metric)]
+        return f"{float(r['mean']):.2f} ± {float(r['std']):.2f}"
+
+    # t2i R@1 by the query caption's aspect mix: every method, every mix of the tiny test split
+    header, body = _md_table(md, "### gen: text -> image R@1 by the query caption's aspect mix")
+    mixes = header[2:]
+    assert mixes and set(body) == {"vanilla", "multi_prompt_div_neg"}
+    for method, cells in body.items():
+        assert cells[2:] == [text(f"{method}-softmax", f"mix/{m}/t2i_R@1") for m in mixes]
+    # the specialisation matrix and the re-weighting only where there are prompt segments (K = 2)
+    header, body = _md_table(md, "### gen: specialisation of `multi_prompt_div_neg-softmax`, text -> image R@5 "
+                                 "with segment k's similarity alone, by an aspect the query mentions")
+    assert list(body) == ["APT-1", "APT-2", "all"] and "subject" in header
+    a = header.index("subject")
+    assert body["APT-2"][a] == text("multi_prompt_div_neg-softmax", "seg2/aspect/subject/t2i_R@5")
+    assert body["all"][a] == text("multi_prompt_div_neg-softmax", "aspect/subject/t2i_R@5")
+    assert "specialisation of `vanilla" not in md
+    title = next(ln for ln in md.splitlines() if ln.startswith("### gen: aspect re-weighting, change of text -> "
+                                                               "image R@1"))
+    assert set(_md_table(md, title)[1]) == {"multi_prompt_div_neg"}
+    for png in aspect_plot_paths(ap):
+        with Image.open(png) as im:
+            assert im.size[0] > 200 and im.size[1] > 200
 
 
 def test_every_cell_is_an_mlflow_run_tagged_with_the_ablation(ran, base):

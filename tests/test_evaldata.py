@@ -14,10 +14,11 @@ from PIL import Image
 
 from campe.core.config import ConfigError, from_dict
 from campe.data.evaldata import (ZERO_SHOT_TEMPLATES, AnnotationFormatError, EvalDataParams, MissingFilesError,
-                                 VideoDecodeError, class_folder, class_prompts, frame_indices, load_karpathy, load_msrvtt,
-                                 make_zero_shot_folders, sample_frames)
+                                 VideoDecodeError, class_folder, class_prompts, frame_indices, grammar_prompts,
+                                 load_karpathy, load_msrvtt, load_scenes, make_zero_shot_folders, sample_frames,
+                                 zero_shot_prompts)
 from campe.core.retrieval import retrieval_metrics
-from campe.data.synth_scenes import COLOURS, SHAPES
+from campe.data.synth_scenes import ASPECTS, COLOURS, PREFIXES, SHAPES, SIZES, item_rng, make_captions, sample_scene
 
 
 @pytest.fixture()
@@ -49,6 +50,33 @@ def test_karpathy_round_trip(tiny_generated):
     two = load_karpathy(root / "dataset_karpathy.json", max_captions=2)
     assert len(two.captions) == 2 * p.test_images
     assert len(load_karpathy(root / "dataset_karpathy.json", split="val").image_paths) == p.val_images
+
+
+def test_karpathy_carries_each_captions_aspects_in_the_generators_order(tiny_generated, broken):
+    _, root = tiny_generated
+    ds = load_karpathy(root / "dataset_karpathy.json")
+    by_caption = {s["raw"]: s["aspects"] for im in karpathy_json(root)["images"] for s in im["sentences"]}
+    assert len(ds.aspects) == len(ds.captions)
+    for caption, aspects in zip(ds.captions, ds.aspects):
+        assert sorted(aspects) == sorted(by_caption[caption])  # the same aspects, in ASPECTS order
+        assert aspects == sorted(aspects, key=ASPECTS.index)
+    # dropping an image drops its captions' aspects with them
+    less = ds.without([0])
+    assert less.aspects == [a for a, t in zip(ds.aspects, ds.txt_to_img) if t != 0]
+    # an annotation without aspects (Flickr30k, COCO): none; a malformed one: a clear error
+    data = karpathy_json(broken)
+    for im in data["images"]:
+        for s in im["sentences"]:
+            del s["aspects"]
+    (broken / "dataset_karpathy.json").write_text(json.dumps(data))
+    assert load_karpathy(broken / "dataset_karpathy.json").aspects == []
+    data["images"][-1]["sentences"] = [dict(s, aspects="subject") for s in data["images"][-1]["sentences"]]
+    for im in data["images"]:
+        for s in im["sentences"]:
+            s.setdefault("aspects", ["subject"])
+    (broken / "dataset_karpathy.json").write_text(json.dumps(data))
+    with pytest.raises(AnnotationFormatError, match="'aspects' 'subject'; expected a non-empty list"):
+        load_karpathy(broken / "dataset_karpathy.json")
 
 
 def test_oracle_embeddings_score_perfect_and_shuffled_do_not(tiny_generated):
@@ -210,6 +238,45 @@ def test_class_prompts():
                        ["a photo of a fire truck object.", "art of the fire truck."]]
     with pytest.raises(ValueError, match="slot"):
         class_prompts(["a"], ["no slot here"])
+
+
+def test_grammar_prompts_are_the_generators_own_subject_captions():
+    """Each class's prompts are exactly the captions the generator's subject-only template gives a main subject of
+    that class (any size, any value of the other attribute, any prefix), so every class has the same count."""
+    for task, classes, other in (("shape", SHAPES, list(COLOURS)), ("colour", list(COLOURS), SHAPES)):
+        prompts = grammar_prompts(task, classes)
+        assert [len(p) for p in prompts] == [len(SIZES) * len(other) * len(PREFIXES)] * len(classes)
+        for name, row in zip(classes, prompts):
+            expected = {pre + f"a{'n' if sz[0] in 'aeiou' else ''} {sz} "
+                        + (f"{o} {name}" if task == "shape" else f"{name} {o}") for sz in SIZES for o in other
+                        for pre in PREFIXES}
+            assert set(row) == expected and len(set(row)) == len(row)
+        assert zero_shot_prompts(task, classes) == prompts
+        assert not any("object" in x or "shape." in x for row in prompts for x in row)
+    # against the generator itself: every subject-only caption it writes is a prompt of its subject's classes
+    seen = 0
+    for i in range(300):
+        rng = item_rng(3, "train", i)
+        scene = sample_scene(rng)
+        for c in make_captions(scene, 6, rng):
+            if c["aspects"] == ["subject"]:
+                main = scene["objects"][0]
+                assert c["caption"] in grammar_prompts("shape", [main["shape"]])[0]
+                assert c["caption"] in grammar_prompts("colour", [main["colour"]])[0]
+                seen += 1
+    assert seen > 100
+    assert zero_shot_prompts("colour", ["red"], "templates") == class_prompts(["red"], ZERO_SHOT_TEMPLATES["colour"])
+    with pytest.raises(ValueError, match="not shape classes"):
+        grammar_prompts("shape", ["dog"])
+    with pytest.raises(ValueError, match="prompt set 'clip'"):
+        zero_shot_prompts("shape", SHAPES, "clip")
+
+
+def test_load_scenes_maps_test_files_to_their_scenes(tiny_generated):
+    p, root = tiny_generated
+    scenes = load_scenes(root, "test")
+    assert len(scenes) == p.test_images
+    assert all(s["background"]["colours"] and s["objects"] for s in scenes.values())
 
 
 def test_params_section():

@@ -10,6 +10,7 @@ import torch
 from campe.embed import Embedder, load_images
 from campe.data.evaldata import MissingFilesError, load_karpathy
 from campe.model import build_model
+from campe.core.aspects import aspect_breakdown
 from campe.core.retrieval import retrieval_metrics
 from stages.evaluate import EvaluateParams, evaluate_all, evaluate_image_set
 
@@ -48,6 +49,39 @@ def test_all_sets_write_named_metrics_records_and_pictures(tiny_generated, vanil
         assert all(f.exists() and f.stat().st_size > 0 for f in r["files"])
 
 
+def test_zero_shot_prompt_sets_and_background_rate_equal_a_direct_computation(tiny_generated, vanilla, tmp_path):
+    """Each prompt set's top-1 and the share of colour predictions that are one of the image's background colours,
+    against the plain computation: prompts embedded one by one, class = argmax of the averaged normalised prompts."""
+    from campe.data.evaldata import class_folder, grammar_prompts, zero_shot_prompts
+
+    _, root = tiny_generated
+    model, emb = vanilla
+    p = _params(root, tmp_path, image_sets={}, video_sets={})
+    rec = evaluate_all(p, emb, tmp_path)["zero_shot"]["record"]
+    m = rec["metrics"]
+    assert rec["prompt_sets"] == ["grammar", "templates"]
+    scenes = {im["filename"]: im["scene"] for im in json.loads((root / "dataset_karpathy.json").read_text())["images"]}
+    paths, labels, names = class_folder(tmp_path / "zero_shot" / "colour")
+    bg = [scenes[path.rsplit("/", 1)[-1]]["background"]["colours"] for path in paths]
+    with torch.no_grad():
+        img = torch.cat([model.encode_image(load_images([path], 32)) for path in paths])
+        for prompt_set, pre in (("grammar", ""), ("templates", "templates/")):
+            prompts = zero_shot_prompts("colour", names, prompt_set)
+            cls = torch.nn.functional.normalize(torch.stack([torch.nn.functional.normalize(torch.cat(
+                [model.encode_text(model.text.tokenize([s]))["text"] for s in row]), dim=-1).mean(0)
+                for row in prompts]), dim=-1)
+            pred = (img @ cls.T).argmax(1).tolist()
+            assert m[f"{pre}colour_top1"] == pytest.approx(100 * sum(c == y for c, y in zip(pred, labels)) / len(paths))
+            assert m[f"{pre}colour_top1_is_background"] == pytest.approx(
+                100 * sum(names[c] in b for c, b in zip(pred, bg)) / len(paths))
+    assert m["colour_background_chance"] == pytest.approx(100 * sum(len(b) for b in bg) / 8 / len(paths))
+    assert list(m).index("colour_top1_is_background") == list(m).index("colour_top1") + 1  # beside its figure
+    assert grammar_prompts("colour", names) == zero_shot_prompts("colour", names)
+    p = _params(root, tmp_path, image_sets={}, video_sets={}, zero_shot_prompts=["templates"])
+    old = evaluate_all(p, emb, tmp_path)["zero_shot"]["record"]["metrics"]
+    assert old["colour_top1"] == m["templates/colour_top1"] and not any("/" in k for k in old)
+
+
 def test_batched_stage_metrics_equal_one_by_one_reference(tiny_generated, vanilla, tmp_path):
     _, root = tiny_generated
     model, emb = vanilla
@@ -58,7 +92,12 @@ def test_batched_stage_metrics_equal_one_by_one_reference(tiny_generated, vanill
         img = torch.cat([model.encode_image(load_images([path], 32)) for path in ds.image_paths])
         txt = torch.cat([model.encode_text(model.text.tokenize([c]))["text"] for c in ds.captions])
     ref = retrieval_metrics(img, txt, torch.tensor(ds.txt_to_img))
-    assert rec["metrics"] == pytest.approx(ref)
+    assert {k: rec["metrics"][k] for k in ref} == pytest.approx(ref)
+    # the generated captions name their aspects: the breakdown is that of the reference embeddings
+    ref = aspect_breakdown(img, txt, ds.txt_to_img, ds.aspects)
+    assert ds.aspects and len(ref) >= 4
+    assert {k: v for k, v in rec["metrics"].items() if k.startswith(("mix/", "aspect/"))} == pytest.approx(ref)
+    assert sum(rec["aspect_captions"]["mix"].values()) == len(ds.captions)
 
 
 def test_aspect_weights_all_ones_equal_plain_and_need_segments(tiny_generated, vanilla, tmp_path):
@@ -72,9 +111,23 @@ def test_aspect_weights_all_ones_equal_plain_and_need_segments(tiny_generated, v
     res = evaluate_image_set(p, emb, "gen", str(root / "dataset_karpathy.json"))
     m = res["record"]["metrics"]
     assert res["record"]["k_segments"] == 4
-    assert {k: m[f"reweighted_{k}"] for k in m if not k.startswith("reweighted_")} == pytest.approx(
-        {k: v for k, v in m.items() if not k.startswith("reweighted_")})
-    assert any(f.name == "gen_aspect_maps.png" for f in res["files"])
+    plain = [k for k in m if f"reweighted_{k}" in m]
+    assert {"i2t_R@1", "t2i_R@5", "rsum"} <= set(plain)
+    assert {k: m[f"reweighted_{k}"] for k in plain} == pytest.approx({k: m[k] for k in plain})
+    assert {"gen_aspect_maps.png", "gen_by_aspect.png", "gen_specialisation.png"} <= {f.name for f in res["files"]}
+    # K = 4 segments: the specialisation matrix (its all row = the plain breakdown) and re-weighting chosen on val
+    spec = res["record"]["specialisation"]
+    assert spec["rows"] == ["APT-1", "APT-2", "APT-3", "APT-4", "all"]
+    assert spec["t2i_R@1"][-1] == [m[f"aspect/{a}/t2i_R@1"] for a in spec["aspects"]]
+    assert all(f"seg{i}/aspect/{a}/t2i_R@5" in m for i in range(1, 5) for a in spec["aspects"])
+    rw = res["record"]["reweighting"]
+    assert rw["chosen_on"] == "val" and set(rw["per_aspect"]) <= set(spec["aspects"])
+    for a, choice in rw["per_aspect"].items():
+        assert choice["weight"] in [1.0, *p.reweight_grid]
+        assert m[f"reweight/{a}/delta_t2i_R@1"] == pytest.approx(m[f"reweight/{a}/t2i_R@1"] - m[f"aspect/{a}/t2i_R@1"])
+    p_no_val = _params(root, tmp_path, video_sets={}, zero_shot_root="", aspect_val_split="", examples=0)
+    m = evaluate_image_set(p_no_val, emb, "gen", str(root / "dataset_karpathy.json"))["record"]["metrics"]
+    assert not any(k.startswith("reweight/") for k in m) and any(k.startswith("seg1/") for k in m)
     with pytest.raises(ValueError, match="aspect_weights is set but the model's text tower gives no prompt segments"):
         evaluate_image_set(p, vanilla[1], "gen", str(root / "dataset_karpathy.json"))
     p = _params(root, tmp_path, aspect_weights=[1.0] * 3, video_sets={}, zero_shot_root="")
@@ -99,7 +152,7 @@ def test_examples_zero_turns_the_example_pictures_off(tiny_generated, vanilla, t
     _, root = tiny_generated
     p = _params(root, tmp_path, video_sets={}, zero_shot_root="", examples=0)
     files = evaluate_image_set(p, vanilla[1], "gen", str(root / "dataset_karpathy.json"))["files"]
-    assert [f.name for f in files] == ["gen_recall.png"]
+    assert [f.name for f in files] == ["gen_recall.png", "gen_by_aspect.png"]  # the aspect bars are no example
 
 
 def test_campe_evaluate_on_a_trained_checkpoint_logs_into_its_mlflow_run(tiny_generated, tmp_path):

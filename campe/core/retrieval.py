@@ -4,6 +4,7 @@
     m = retrieval_metrics(img_emb, txt_emb, txt_to_img)            # {"i2t_R@1": 71.2, ..., "rsum": 512.3}
     m_w = retrieval_metrics(img_emb, txt_emb, txt_to_img, weights=[1.5, 1, 1, 0.5])   # aspect re-weighted
     z = zero_shot_classify(img_emb, class_text_emb, labels)         # {"top1": 63.0, "top5": 91.5}
+    pred = zero_shot_predict(img_emb, class_text_emb)               # [N] top-1 class of each image
 
 Conventions (the usual ones for Flickr30k/COCO/MSR-VTT; CLIP_benchmark's positive-pairs formulation):
   - Scores are dot products of the embeddings as given (cosine when the caller has L2-normalised them).
@@ -360,6 +361,15 @@ def zero_shot_classify(img_emb, class_text_emb, labels, ks: Sequence[int] = (1, 
         ranks[a:b] = 1 + _beats(s, true, tie[a:b], ties).sum(1) - self_count
     r = ranks.numpy()
     return {f"top{k}": float(100.0 * np.mean(r <= k)) for k in ks}
+
+
+def zero_shot_predict(img_emb, class_text_emb, weights=None, k_segments: int | None = None) -> torch.Tensor:
+    """Top-1 class [N] (int64) of img_emb [N, D] against class_text_emb [C, T, D] (class_embeddings; the first
+    class on an exact tie), e.g. to ask what the wrong predictions are."""
+    img = _as_emb(img_emb, "img_emb")
+    cls = class_embeddings(class_text_emb)
+    w = aspect_scale(img.shape[1], weights, k_segments)
+    return ((img * w if w is not None else img) @ cls.T).argmax(1)
 
 
 # ------------------------------------------------------------------------------------------------------ records

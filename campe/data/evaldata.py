@@ -8,6 +8,8 @@
     frames = sample_frames(vs.video_paths[0], 8)                              # uint8 [8, H, W, 3]
     folders = make_zero_shot_folders("data/generated", "data/zeroshot")       # {"shape": ..., "colour": ...}
     paths, labels, names = class_folder(folders["shape"])
+    prompts = zero_shot_prompts("shape", names)                               # [C][T] "a small red circle", ...
+    ds.aspects[j]                                  # what caption j mentions (a generated set), e.g. ["subject"]
 
 Loaders return paths + captions + an index map (`txt_to_img[j]` = the image/video of caption j), in file order, so
 the caller embeds `image_paths` and `captions` and hands the index map to `campe.core.retrieval.retrieval_metrics`.
@@ -103,12 +105,18 @@ class ImageTextSet:
     txt_to_img: list[int]
     image_ids: list[str]
     skipped: int = 0  # images dropped because their file was missing (on_missing="skip")
+    # aspects[j]: what caption j mentions (sentences[].aspects of a generated set, in the generator's order
+    # campe.data.synth_scenes.ASPECTS); empty when the annotation file does not say
+    aspects: list[list[str]] = field(default_factory=list)
 
     def without(self, drop: Sequence[int]) -> ImageTextSet:
         """The set without the images at indices `drop` (e.g. undecodable ones) and their captions."""
         (paths, ids), captions, index = _drop_items(drop, (self.image_paths, self.image_ids), self.captions,
                                                     self.txt_to_img)
-        return dataclasses.replace(self, image_paths=paths, captions=captions, txt_to_img=index, image_ids=ids)
+        gone = set(drop)
+        aspects = [a for a, t in zip(self.aspects, self.txt_to_img) if t not in gone]
+        return dataclasses.replace(self, image_paths=paths, captions=captions, txt_to_img=index, image_ids=ids,
+                                   aspects=aspects)
 
 
 @dataclass
@@ -205,11 +213,29 @@ def load_karpathy(json_path: str | Path, split: str = "test", image_root: str | 
         raise MissingFilesError(f"{path}: all {len(images)} images of split '{split}' are missing under {root}; "
                                 f"point image_root at the image folder", paths)
     every = ImageTextSet(paths, [], [], [Path(im["filename"]).stem for im in images], skipped=keep.count(False))
+    aspects: list[list[str]] = []
     for i, im in enumerate(images):
         for s in im["sentences"][:max_captions]:
             every.captions.append(s["raw"].strip())
             every.txt_to_img.append(i)
+            aspects.append(s.get("aspects"))
+    every.aspects = _caption_aspects(aspects, bad)
     return every.without([i for i, k in enumerate(keep) if not k])
+
+
+def _caption_aspects(raw: list, bad) -> list[list[str]]:
+    """Per caption, the aspects it mentions in the generator's order (campe.data.synth_scenes.ASPECTS; names it
+    does not know after those); [] unless every caption of the split names them (sentences[].aspects)."""
+    from campe.data.synth_scenes import ASPECTS
+
+    if not raw or any(a is None for a in raw):
+        return []
+    for j, a in enumerate(raw):
+        if not isinstance(a, list) or not a or not all(isinstance(x, str) for x in a):
+            raise bad(f"caption {j} of the split has 'aspects' {a!r}; expected a non-empty list of aspect names "
+                      f"such as {list(ASPECTS[:2])}")
+    rank = {a: i for i, a in enumerate(ASPECTS)}
+    return [sorted(dict.fromkeys(a), key=lambda x: (rank.get(x, len(rank)), x)) for a in raw]
 
 
 # ---------------------------------------------------------------------------------------------------------- MSR-VTT
@@ -422,6 +448,53 @@ def class_prompts(class_names: list[str], templates: list[str]) -> list[list[str
         vowel = name[:1].lower() in "aeiou"
         out.append([(t.replace("a {}", "an {}") if vowel and "an {}" not in t else t).format(name) for t in templates])
     return out
+
+
+# Zero-shot class prompts: "grammar" = the generator's own subject phrases (grammar_prompts), "templates" = the
+# fixed templates above (ZERO_SHOT_TEMPLATES; "a photo of a {} object.", the prompts before issue 15).
+ZERO_SHOT_PROMPT_SETS = ("grammar", "templates")
+GRAMMAR_TASKS = {"shape": "shape", "colour": "colour"}  # task -> the object attribute that is the class
+
+
+def grammar_prompts(task: str, class_names: list[str]) -> list[list[str]]:
+    """[C][T] prompts in the generator's own caption grammar: for each class, every caption the subject-only
+    template (campe.data.synth_scenes.TEMPLATES, aspects ("subject",)) gives a main subject of that class, i.e.
+    each caption prefix x the noun phrase ("a small red circle") over every value of the other attributes (size,
+    and colour for shapes / shape for colours). T is the same for every class, so the class embedding is the
+    average over the other attributes."""
+    from campe.data.synth_scenes import COLOURS, PREFIXES, SHAPES, SIZES, TEMPLATES
+
+    if task not in GRAMMAR_TASKS:
+        raise ValueError(f"grammar prompts exist for the generated tasks {list(GRAMMAR_TASKS)}, not {task!r}")
+    subject = next(build for aspects, _, build in TEMPLATES if aspects == ("subject",))
+    known = SHAPES if task == "shape" else list(COLOURS)
+    unknown = [c for c in class_names if c not in known]
+    if unknown:
+        raise ValueError(f"grammar prompts: {unknown} are not {task} classes of the generator ({known})")
+    out = []
+    for name in class_names:
+        objs = ([{"shape": name, "colour": c, "size": s} for s in SIZES for c in COLOURS] if task == "shape" else
+                [{"shape": sh, "colour": name, "size": s} for s in SIZES for sh in SHAPES])
+        out.append([pre + subject({"objects": [o], "background": None}) for o in objs for pre in PREFIXES])
+    return out
+
+
+def zero_shot_prompts(task: str, class_names: list[str], prompt_set: str = "grammar") -> list[list[str]]:
+    """[C][T] class prompts of a zero-shot task from the set `prompt_set` (ZERO_SHOT_PROMPT_SETS)."""
+    if prompt_set == "grammar":
+        return grammar_prompts(task, class_names)
+    if prompt_set == "templates":
+        return class_prompts(class_names, ZERO_SHOT_TEMPLATES[task])
+    raise ValueError(f"zero-shot prompt set {prompt_set!r} is not one of {ZERO_SHOT_PROMPT_SETS}")
+
+
+def load_scenes(generated_root: str | Path, split: str = "test") -> dict[str, dict]:
+    """{image file name: scene} of a generated set's `split` (images[].scene of dataset_karpathy.json)."""
+    ann = Path(generated_root) / "dataset_karpathy.json"
+    data = _read_json(ann, "the generated set's dataset_karpathy.json (make it with `campe generate`)")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise AnnotationFormatError(f"{ann}: no top-level 'images' list")
+    return {im["filename"]: im.get("scene") for im in data["images"] if im.get("split") == split}
 
 
 ZERO_SHOT_MARKER = ".campe_zero_shot"
