@@ -96,7 +96,10 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
     """The run, step by step (the order matters: the RNG streams and the files are those of an exact resume)."""
     out = _prepare_out_dir(cfg, info)
     model, resolved, encoder, mode = _resolve_model(cfg, source, model)
-    if source is None:
+    datasets: dict[str, str] = {}
+    if source is None:  # read from the data folders: the run names them (and their digests) as its inputs
+        datasets = {"train-shards": cfg.train.shards_dir, **({"text-cache": cfg.train.cache_dir}
+                                                             if mode == "cached" else {})}
         source = _shard_source(cfg, mode, encoder)
     text_input = _text_input_fn(cfg, model, mode)
     model.to(info.device)
@@ -104,7 +107,7 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
     resume_rng = run.restore() if resume and run.ckpt_path.exists() else run.fresh_log()
     run.wrap_ddp()
     objective = CampeObjective.from_config(cfg.loss, info.rank, info.world_size)
-    run.open_tracking(resolved)
+    run.open_tracking(resolved, datasets)
     return _loop(run, objective, text_input, resolved, resume_rng, stop_at, checkpoint_at_stop)
 
 
@@ -212,8 +215,9 @@ class _Run:
                 self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                 find_unused_parameters=self.cfg.model.video_pool == "attn")  # the temporal pool is idle on images
 
-    def open_tracking(self, resolved: dict) -> None:
-        """Rank 0: the run's config files, and its MLflow run (new, with its params, or the resumed one)."""
+    def open_tracking(self, resolved: dict, datasets: dict[str, str]) -> None:
+        """Rank 0: the run's config files, and its MLflow run (new, with its params and its input datasets
+        {name: folder}, or the resumed one)."""
         cfg, info, out = self.cfg, self.info, self.out
         if not info.main:
             return
@@ -231,6 +235,7 @@ class _Run:
                                      "world_size": info.world_size, "total_steps": self.total,
                                      "trainable_parameters": sum(p.numel() for p in self.model.parameters()
                                                                  if p.requires_grad)})
+            self.tracker.log_datasets(datasets, base_dir=cfg.base_dir)
 
     def note_skips(self) -> None:
         """Gather the samples left out since the last call (every rank's), warn about new ones, and stop every

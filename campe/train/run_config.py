@@ -84,6 +84,7 @@ class TrainParams:
     experiment: str = "campe"
     artifact_root: str = "mlartifacts"  # a new experiment stores its artifacts in <artifact_root>/<experiment>
     run_name: str = ""  # MLflow run name; "" = train/<method>/<UTC date>
+    register_model: str = ""  # also register the run's MLflow Model under this name in the store's Model Registry
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # undecodable images: stop once more than this fraction
 
     def validate(self) -> None:
@@ -110,7 +111,8 @@ class TrainParams:
 
 # Fields that may change between a run and its resume (they do not change the numbers).
 RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_workers", "log_every", "ckpt_every",
-                  "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device", "max_skip_fraction")
+                  "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device", "max_skip_fraction",
+                  "register_model")
 
 
 @dataclass
