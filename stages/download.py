@@ -45,7 +45,7 @@ from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
 from campe.core.config import load_params
-from campe.core.io import atomic_file, atomic_write_bytes, atomic_write_json, output_lock
+from campe.core.io import atomic_file, atomic_write_bytes, atomic_write_json, output_lock, write_metrics
 from campe.data.shards import shard_paths, sort_shard
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
@@ -425,7 +425,8 @@ def _download(p: DownloadParams, retry_failed: bool, overwrite: bool) -> dict[st
         print(f"campe download: put {rewritten} shard(s) in key order with the URLs as the list gives them")
     stats = roll_up_stats(out, len(every), time.perf_counter() - t0, attempted, skipped)
     stats["url_list"] = str(list_path)
-    atomic_write_json(p.stats_file, stats)
+    # `dvc metrics show` prints the headline; the counts by kind, errors and skips stay in the full file.
+    write_metrics(p.stats_file, stats, {k: stats[k] for k in ("success_rate", "images_per_s") if k in stats})
     if stats["success_rate"] < p.min_success_rate:
         top = "; ".join(f"{e['count']}x {e['error']}" for e in stats["top_errors"][:3]) or "none recorded"
         raise DownloadError(

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 
 from campe import plots
 from campe.core.config import load_params
-from campe.core.io import atomic_write_json, json_sha256, store_uri
+from campe.core.io import json_sha256, store_uri, write_metrics
 from campe.core.retrieval import RetrievalParams, eval_record, retrieval_metrics, zero_shot_classify
 from campe.core.tracking import log_batch
 from campe.data.evaldata import (ZERO_SHOT_TEMPLATES, EvalDataParams, class_folder, class_prompts, load_karpathy,
@@ -217,8 +218,15 @@ def evaluate_all(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict[str, 
     if p.zero_shot_root:
         results["zero_shot"] = evaluate_zero_shot(p, emb, work_dir)
     for name, r in results.items():
-        atomic_write_json(Path(p.metrics_dir) / f"{name}.json", r["record"])
+        write_metrics(Path(p.metrics_dir) / f"{name}.json", r["record"], headline(r["record"]["metrics"]))
     return results
+
+
+def headline(metrics: dict[str, float]) -> dict[str, float]:
+    """The figures `dvc metrics show` prints for a set (<set>.headline.json): R@1/5/10 both ways, or zero-shot
+    top-1/top-5 (re-weighted ones, ranks and rsum stay in <set>.json)."""
+    return {k: v for k, v in metrics.items() if re.fullmatch(r"(i2t|t2i|v2t|t2v)_R@\d+|\w+_top[15]", k)
+            and not k.startswith("reweighted_")}
 
 
 # ------------------------------------------------------------------------------------------------ MLflow + CLI

@@ -142,3 +142,30 @@ def test_library_layers_import_only_downwards():
     upward = [f"{f} -> {g}" for f in files for g in sorted(imports_of(f))
               if g.startswith("campe/") and layer_of(g) != layer_of(f) and LAYERS[layer_of(g)] >= LAYERS[layer_of(f)]]
     assert not upward, f"imports that run up (or across) the library's layers: {upward}"
+
+
+def test_dvc_metrics_are_the_headlines_of_full_files_the_stage_writes():
+    """`dvc metrics show` prints the headline files only (a few figures per stage and set); each stage lists the
+    full metrics file beside its headline (campe.core.io.headline_path) as an output."""
+    from campe.core.io import headline_path
+
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    params = read_yaml(ROOT / "params.yaml")
+    stages = _expand_foreach(dvc, params)
+
+    def value(match):
+        section, key = match.group(1).split(".")
+        return str(params[section][key])
+
+    def paths(entries):
+        return [re.sub(r"\$\{(\w+\.\w+)\}", value, next(iter(e)) if isinstance(e, dict) else e)
+                for e in entries or []]
+
+    with_metrics = 0
+    for name, stage in stages.items():
+        outs = paths(stage.get("outs"))
+        for m in paths(stage.get("metrics")):
+            with_metrics += 1
+            assert m.endswith(".headline.json"), (name, m)
+            assert any(headline_path(o).as_posix() == m for o in outs), (name, m, outs)
+    assert with_metrics == len(stages) - 2  # every stage but generate and cache

@@ -22,7 +22,8 @@ Outputs in out_dir (rank 0 only):
     train_log.csv        per-step metrics (step, epoch, lr, loss, each term, grad_norm, samples_per_s)
     loss_curve.png       the loss terms against the step
     mlflow_run_id.txt    the MLflow run (written at the start, so evaluation and a resumed run log into it)
-    metrics.json         final loss terms, throughput and the samples skipped because their image does not decode
+    metrics.json         final loss terms (means over the last 10 steps: mean_last10_<term>), throughput and the
+                         samples skipped because their image does not decode
                          (skipped_samples, skipped_fraction; also copied to train.metrics_file for DVC and logged
                          to MLflow)
 
@@ -50,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from campe.core.io import atomic_write_json
+from campe.core.io import atomic_write_json, write_metrics
 from campe.core.losses import CampeObjective, total_loss
 from campe.core.tracking import Tracker, flatten_config
 from campe.data.imageprep import SHOWN_SKIPS, UndecodableImageWarning, check_skip_fraction
@@ -63,6 +64,13 @@ from campe.train.log import LOG_FILE, plot_loss_curve, read_log, write_log
 from campe.train.optim import lr_factor, make_optimizer
 from campe.train.run_config import RunConfig, TrainParams
 from campe.train.sources import CachedPairs, MemoryPairs, cache_available
+
+
+# The final loss terms in metrics.json (and train.metrics_file, MLflow) are means over the last FINAL_WINDOW steps,
+# named so (mean_last10_contrastive_loss): the last step's own value (the last point of the logged curve) is noisier.
+FINAL_WINDOW = 10
+FINAL_PREFIX = f"mean_last{FINAL_WINDOW}_"
+HEADLINE = ("steps", "samples_per_s", f"{FINAL_PREFIX}loss", f"{FINAL_PREFIX}contrastive_loss")
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -275,7 +283,11 @@ class _Run:
             i, j = bad[0].tolist()
             raise FloatingPointError(f"step {pending[i][0]}: {keys[j]} is {float(vals[i, j])}; lower train.lr, "
                                      f"raise warmup_steps or use precision fp32")
-        rate = self.window_steps * self.tp.batch_size / max(1e-9, time.perf_counter() - self.window_start)
+        # samples/s since the previous flush, over all the wall time (this flush's MLflow logging and checkpoints
+        # included): the windows tile the run, so their mean is the run's average, which the progress bar shows.
+        now = time.perf_counter()
+        rate = self.window_steps * self.tp.batch_size / max(1e-9, now - self.window_start)
+        self.window_start, self.window_steps = now, 0
         rows = []
         for (s, e, lr, _), v in zip(pending, vals.cpu().tolist()):
             row = {"step": s, "epoch": e, "lr": lr, **dict(zip(keys, v)), "samples_per_s": rate}
@@ -337,7 +349,6 @@ class _Run:
                 bar.set_postfix(step=step, loss=f"{float(loss.detach()):.4f}", refresh=False)
         if step % tp.log_every == 0:
             self.flush()
-            self.window_start, self.window_steps = time.perf_counter(), 0
         if tp.ckpt_every and step % tp.ckpt_every == 0 and step < self.total:
             self.flush()
             self.checkpoint()
@@ -348,8 +359,10 @@ def _progress_bar(run: _Run) -> Any:
         return None
     from tqdm import tqdm
     b = run.tp.batch_size
+    # smoothing=0: the rate shown is the average since the bar started (metrics.json's samples_per_s at the end),
+    # not tqdm's default moving average of the last refreshes, which swings with each MLflow flush.
     return tqdm(total=run.total * b, initial=run.step * b, unit="sample", unit_scale=True, dynamic_ncols=True,
-                mininterval=1.0, desc=f"train {run.cfg.method}")
+                mininterval=1.0, smoothing=0, desc=f"train {run.cfg.method}")
 
 
 def _loop(run: _Run, objective: CampeObjective, text_input: Callable[[dict], Any], resolved: dict,
@@ -427,7 +440,7 @@ def _finish(cfg: RunConfig, info: DistInfo, model: CLIPModel, resolved: dict, ou
     if not info.main:
         return summary
     rows = read_log(out / LOG_FILE)  # the whole run, across resumes
-    last = rows[-tp.log_every:] if rows else []
+    last = rows[-FINAL_WINDOW:] if rows else []  # the "final" figures: means over the last steps (one is noisy)
     final = {k: sum(r[k] for r in last) / len(last) for k in last[0]
              if k not in ("step", "epoch", "samples_per_s")} if last else {}
     summary["final"] = {k: round(v, 6) for k, v in final.items()}
@@ -435,13 +448,14 @@ def _finish(cfg: RunConfig, info: DistInfo, model: CLIPModel, resolved: dict, ou
     plot_loss_curve(rows, out / "loss_curve.png", title=f"{cfg.method} ({cfg.loss.kind})")
     metrics = {"steps": step, "samples_per_s": summary["samples_per_s"], "world_size": info.world_size,
                "skipped_samples": len(skipped), "skipped_fraction": skip_fraction,
-               **{f"final_{k}": v for k, v in summary["final"].items()}}
+               **{f"{FINAL_PREFIX}{k}": v for k, v in summary["final"].items()}}
     atomic_write_json(out / "metrics.json", metrics)
     if tp.metrics_file:
-        atomic_write_json(tp.metrics_file, metrics)
+        write_metrics(tp.metrics_file, metrics, {k: metrics[k] for k in HEADLINE if k in metrics})
     if tracker is not None:
         tracker.log_metrics([{"step": step, "samples_per_s_run": samples_per_s, "skipped_samples": len(skipped),
-                              "skipped_fraction": skip_fraction}])
+                              "skipped_fraction": skip_fraction,
+                              **{FINAL_PREFIX + k: v for k, v in summary["final"].items() if k.endswith("loss")}}])
         for name in ("train_config.json", "model_config.json", FINAL, "loss_curve.png", LOG_FILE, "metrics.json"):
             tracker.log_artifact(out / name)
     return summary
