@@ -100,11 +100,17 @@ def _examples_grid(p: EvaluateParams, name: str, img: torch.Tensor, txt: torch.T
                    txt_to_img) -> Path:
     n = min(p.examples, len(captions))
     queries = list(range(0, len(captions), max(1, len(captions) // max(n, 1))))[:n]
-    top = (txt[queries] @ img.T).topk(min(5, img.shape[0]), dim=1).indices
+    scores = txt[queries] @ img.T  # [n, N]
+    top = scores.topk(min(5, img.shape[0]), dim=1).indices
+    missed = []  # the right image and its rank (1 + the images scored above it) when it is not in the top 5
+    for q, s, row in zip(queries, scores, top):
+        right = txt_to_img[q]
+        missed.append(None if right in row.tolist() else (image_paths[right], 1 + int((s > s[right]).sum())))
     return plots.retrieval_examples_grid(
         [captions[q] for q in queries], [[image_paths[j] for j in row.tolist()] for row in top],
         [[j == txt_to_img[q] for j in row.tolist()] for q, row in zip(queries, top)],
-        Path(p.plots_dir) / f"{name}_examples.png", title=f"{name}: text -> image, top 5 (correct marked)")
+        Path(p.plots_dir) / f"{name}_examples.png", missed=missed,
+        title=f"{name}: text -> image, top 5 (correct marked; the right image with its rank when missed)")
 
 
 def _aspect_maps(p: EvaluateParams, name: str, emb: Embedder, image_paths, captions, txt_to_img, txt: torch.Tensor,
@@ -120,8 +126,13 @@ def _aspect_maps(p: EvaluateParams, name: str, emb: Embedder, image_paths, capti
     maps = torch.einsum("bpkd,bkd->bkp", patches.view(B, P, k, D // k), t)
     grid = int(round(P ** 0.5))
     images = load_images([image_paths[i] for i in idx], emb.image_size).permute(0, 2, 3, 1).numpy()
+    caption = (f"Column APT-j: for each of the {grid}x{grid} image patches, the dot product of the patch's embedding "
+               f"segment j with segment j of the embedding of the image's first caption (its prompt APT-j); "
+               f"both are slices of L2-normalised {D}-d embeddings, so the K segment terms of one patch add up to "
+               f"its cosine with the caption. One colour scale for all maps; upsampled bilinearly.")
     return plots.aspect_maps_grid(images, maps.view(B, k, grid, grid).numpy(), [f"APT-{i + 1}" for i in range(k)],
-                                  Path(p.plots_dir) / f"{name}_aspect_maps.png")
+                                  Path(p.plots_dir) / f"{name}_aspect_maps.png", caption=caption,
+                                  scale_label="<patch segment j, caption segment j>")
 
 
 class _Undecodable:
