@@ -134,8 +134,8 @@ def layer_of(path: str) -> str:
 
 
 def test_library_layers_import_only_downwards():
-    """core < data < text, towers < model < embed, plots, train < cli, api < mlflow_model: no import runs back up (or sideways between
-    two packages of one layer), so a new method's package can stand on the layers below it."""
+    """core < data < text, towers < model < embed, plots, train < cli, api < mlflow_model: no import runs back up
+    (or sideways between two packages of one layer), so a new method's package can stand on the layers below it."""
     files = sorted(f.relative_to(ROOT).as_posix() for f in (ROOT / "campe").rglob("*.py"))
     unknown = {layer_of(f) for f in files if not f.endswith("__init__.py")} - set(LAYERS)
     assert not unknown, f"campe modules/packages without a layer in LAYERS: {sorted(unknown)}"
