@@ -79,7 +79,7 @@ def run_variant(name: str, base: dict, shards: Path, tmp: Path, epochs: int) -> 
     metrics = json.loads((tmp / name / "metrics.json").read_text())
     return {"init": {k: round(v, 6) for k, v in init.items()},
             "trained": {k: metrics[k] for k in init}, "steps": summary["step"],
-            "final_loss": metrics.get("final_loss"), "train_s": round(time.perf_counter() - t0, 1)}
+            "final_loss": metrics.get("mean_last10_loss"), "train_s": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:

@@ -57,16 +57,22 @@ def _as_image(x) -> np.ndarray:
 
 def retrieval_examples_grid(query_captions: Sequence[str], topk_image_paths: Sequence[Sequence[str]],
                             correct_flags: Sequence[Sequence[bool]], out_png: str | Path,
-                            title: str | None = None) -> Path:
+                            title: str | None = None, missed: Sequence[tuple[str, int] | None] | None = None
+                            ) -> Path:
     """One row per text query: the caption, then its top-k retrieved images (rank order), the correct one(s) framed
-    in green and marked with a check, the others in red."""
+    in green and marked with a check, the others in red. missed[r] = (path, rank) of the right image when it is
+    not in the top k: shown after them, framed green, with its rank."""
     q = len(query_captions)
     if q == 0 or len(topk_image_paths) != q or len(correct_flags) != q:
         raise ValueError(f"retrieval_examples_grid: need one caption, one top-k list and one flag list per query "
                          f"(got {q}, {len(topk_image_paths)}, {len(correct_flags)})")
+    missed = list(missed) if missed is not None else [None] * q
+    if len(missed) != q:
+        raise ValueError(f"retrieval_examples_grid: {len(missed)} missed entries for {q} queries")
     k = max(len(p) for p in topk_image_paths)
-    fig, axes = _pyplot().subplots(q, k + 1, figsize=(2.6 + 1.6 * k, 1.75 * q), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.6] + [1] * k})
+    extra = 1 if any(missed) else 0
+    fig, axes = _pyplot().subplots(q, k + 1 + extra, figsize=(2.6 + 1.6 * (k + extra), 1.75 * q), squeeze=False,
+                                   gridspec_kw={"width_ratios": [1.6] + [1] * k + [1.15] * extra})
     for r in range(q):
         if len(correct_flags[r]) != len(topk_image_paths[r]):
             raise ValueError(f"retrieval_examples_grid: query {r} has {len(topk_image_paths[r])} images but "
@@ -74,32 +80,40 @@ def retrieval_examples_grid(query_captions: Sequence[str], topk_image_paths: Seq
         ax = axes[r, 0]
         ax.axis("off")
         found = next((i + 1 for i, c in enumerate(correct_flags[r]) if c), None)
-        status = f"found at rank {found}" if found else f"not in top {len(correct_flags[r])}"
+        status = (f"found at rank {found}" if found else f"right image at rank {missed[r][1]}" if missed[r]
+                  else f"not in top {len(correct_flags[r])}")
         ax.text(0, 0.5, textwrap.fill(str(query_captions[r]), 30) + f"\n[{status}]", fontsize=8, va="center",
                 ha="left", transform=ax.transAxes, color="black" if found else WRONG)
-        for c in range(k):
+        cells = [(p, bool(f), f"#{c + 1}" + (" \u2713" if f else "")) for c, (p, f) in
+                 enumerate(zip(topk_image_paths[r], correct_flags[r]))]
+        cells += [None] * (k - len(cells))
+        if extra:
+            cells.append((missed[r][0], True, f"right: #{missed[r][1]}") if missed[r] else None)
+        for c, cell in enumerate(cells):
             ax = axes[r, c + 1]
             ax.set_xticks([])
             ax.set_yticks([])
-            if c >= len(topk_image_paths[r]):
+            if cell is None:
                 ax.axis("off")
                 continue
-            ok = bool(correct_flags[r][c])
-            ax.imshow(_as_image(topk_image_paths[r][c]), interpolation="nearest")
+            path, ok, label = cell
+            ax.imshow(_as_image(path), interpolation="nearest")
             for side in ax.spines.values():
                 side.set_edgecolor(CORRECT if ok else WRONG)
                 side.set_linewidth(4 if ok else 1.5)
-            ax.set_title(f"#{c + 1}" + (" \u2713" if ok else ""), fontsize=8, color=CORRECT if ok else "black")
+            ax.set_title(label, fontsize=8, color=CORRECT if ok else "black")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png)
 
 
-def aspect_maps_grid(images, maps, aspect_names: Sequence[str], out_png: str | Path, alpha: float = 0.55) -> Path:
-    """Per-APT patch maps: images [B, H, W, 3] (uint8 or float in [0,1]), maps [B, K, h, w] (any scale; each map
-    is min-max normalised on its own and upsampled to H x W). Row = image; columns = the image, then one overlay
-    per aspect."""
+def aspect_maps_grid(images, maps, aspect_names: Sequence[str], out_png: str | Path, alpha: float = 0.55,
+                     caption: str | None = None, scale_label: str = "similarity") -> Path:
+    """Per-APT patch maps: images [B, H, W, 3] (uint8 or float in [0,1]), maps [B, K, h, w] (upsampled to H x W).
+    Row = image; columns = the image, then one overlay per aspect. All maps share one colour scale (their min to
+    max), shown by a colour bar labelled `scale_label`, so aspects and images compare; `caption` says below the grid
+    what is mapped."""
     imgs = [_as_image(x) for x in (images.numpy() if hasattr(images, "numpy") else images)]
     m = np.asarray(maps.detach().cpu().numpy() if hasattr(maps, "detach") else maps, dtype=np.float32)
     if m.ndim != 4 or m.shape[0] != len(imgs):
@@ -107,22 +121,31 @@ def aspect_maps_grid(images, maps, aspect_names: Sequence[str], out_png: str | P
     b, k = m.shape[:2]
     if len(aspect_names) != k:
         raise ValueError(f"aspect_maps_grid: {len(aspect_names)} aspect names for K={k} maps")
-    fig, axes = _pyplot().subplots(b, k + 1, figsize=(1.7 * (k + 1), 1.7 * b), squeeze=False)
+    lo, hi = float(m.min()), float(m.max())
+    hi = hi if hi > lo else lo + 1e-6
+    plt = _pyplot()
+    fig, axes = plt.subplots(b, k + 1, figsize=(1.7 * (k + 1) + 0.9, 1.7 * b + (0.6 if caption else 0)),
+                             squeeze=False)
+    shown = None
     for r in range(b):
         h, w = imgs[r].shape[:2]
         axes[r, 0].imshow(imgs[r], interpolation="nearest")
         for c in range(k):
-            mm = m[r, c]
-            mm = (mm - mm.min()) / (mm.max() - mm.min()) if mm.max() > mm.min() else np.zeros_like(mm)
-            up = np.asarray(Image.fromarray(mm).resize((w, h), Image.BILINEAR))
+            up = np.asarray(Image.fromarray(m[r, c]).resize((w, h), Image.BILINEAR))
             axes[r, c + 1].imshow(imgs[r], interpolation="nearest")
-            axes[r, c + 1].imshow(up, cmap="jet", alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
+            shown = axes[r, c + 1].imshow(up, cmap="jet", alpha=alpha, vmin=lo, vmax=hi, interpolation="nearest")
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title("image" if c == 0 else aspect_names[c - 1], fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08 if caption else 0, 0.9, 1))
+    bar = fig.colorbar(shown, cax=fig.add_axes((0.92, 0.15, 0.02, 0.7)))
+    bar.set_alpha(1)
+    bar.set_label(scale_label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    if caption:
+        fig.text(0.02, 0.01, textwrap.fill(caption, 40 + 22 * k), fontsize=7, va="bottom", ha="left")
     return _save(fig, out_png)
 
 

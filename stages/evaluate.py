@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch
 from campe import plots
 from campe.core import aspects as asp
 from campe.core.config import load_params
-from campe.core.io import atomic_write_json, json_sha256, store_uri
+from campe.core.io import atomic_write_json, json_sha256, store_uri, write_metrics
 from campe.core.retrieval import (RetrievalParams, eval_record, retrieval_metrics, zero_shot_classify,
                                   zero_shot_predict)
 from campe.core.tracking import log_batch
@@ -121,11 +122,17 @@ def _examples_grid(p: EvaluateParams, name: str, img: torch.Tensor, txt: torch.T
                    txt_to_img) -> Path:
     n = min(p.examples, len(captions))
     queries = list(range(0, len(captions), max(1, len(captions) // max(n, 1))))[:n]
-    top = (txt[queries] @ img.T).topk(min(5, img.shape[0]), dim=1).indices
+    scores = txt[queries] @ img.T  # [n, N]
+    top = scores.topk(min(5, img.shape[0]), dim=1).indices
+    missed = []  # the right image and its rank (1 + the images scored above it) when it is not in the top 5
+    for q, s, row in zip(queries, scores, top):
+        right = txt_to_img[q]
+        missed.append(None if right in row.tolist() else (image_paths[right], 1 + int((s > s[right]).sum())))
     return plots.retrieval_examples_grid(
         [captions[q] for q in queries], [[image_paths[j] for j in row.tolist()] for row in top],
         [[j == txt_to_img[q] for j in row.tolist()] for q, row in zip(queries, top)],
-        Path(p.plots_dir) / f"{name}_examples.png", title=f"{name}: text -> image, top 5 (correct marked)")
+        Path(p.plots_dir) / f"{name}_examples.png", missed=missed,
+        title=f"{name}: text -> image, top 5 (correct marked; the right image with its rank when missed)")
 
 
 def _aspect_maps(p: EvaluateParams, name: str, emb: Embedder, image_paths, captions, txt_to_img, txt: torch.Tensor,
@@ -138,8 +145,14 @@ def _aspect_maps(p: EvaluateParams, name: str, emb: Embedder, image_paths, capti
     patches = emb.patches([image_paths[i] for i in idx])  # [B, P, D]
     maps = aspect_maps(patches, txt[[first_caption[i] for i in idx]], k)  # [B, K, g, g]
     images = load_images([image_paths[i] for i in idx], emb.image_size).permute(0, 2, 3, 1).numpy()
+    grid, D = maps.shape[-1], txt.shape[1]
+    caption = (f"Column APT-j: for each of the {grid}x{grid} image patches, the dot product of the patch's embedding "
+               f"segment j with segment j of the embedding of the image's first caption (its prompt APT-j); "
+               f"both are slices of L2-normalised {D}-d embeddings, so the K segment terms of one patch add up to "
+               f"its cosine with the caption. One colour scale for all maps; upsampled bilinearly.")
     return plots.aspect_maps_grid(images, maps.numpy(), [f"APT-{i + 1}" for i in range(k)],
-                                  Path(p.plots_dir) / f"{name}_aspect_maps.png")
+                                  Path(p.plots_dir) / f"{name}_aspect_maps.png", caption=caption,
+                                  scale_label="<patch segment j, caption segment j>")
 
 
 class _Undecodable:
@@ -312,8 +325,15 @@ def evaluate_all(p: EvaluateParams, emb: Embedder, work_dir: Path) -> dict[str, 
     if p.zero_shot_root:
         results["zero_shot"] = evaluate_zero_shot(p, emb, work_dir)
     for name, r in results.items():
-        atomic_write_json(Path(p.metrics_dir) / f"{name}.json", r["record"])
+        write_metrics(Path(p.metrics_dir) / f"{name}.json", r["record"], headline(r["record"]["metrics"]))
     return results
+
+
+def headline(metrics: dict[str, float]) -> dict[str, float]:
+    """The figures `dvc metrics show` prints for a set (<set>.headline.json): R@1/5/10 both ways, or zero-shot
+    top-1/top-5 (re-weighted ones, ranks and rsum stay in <set>.json)."""
+    return {k: v for k, v in metrics.items() if re.fullmatch(r"(i2t|t2i|v2t|t2v)_R@\d+|\w+_top[15]", k)
+            and not k.startswith("reweighted_")}
 
 
 # ------------------------------------------------------------------------------------------------ MLflow + CLI

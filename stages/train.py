@@ -4,10 +4,14 @@
     campe train --method vanilla --out models/vanilla   # a baseline (see campe.train.run_config.METHODS)
     campe train --resume                                # continue a stopped or killed run from its checkpoint
     campe train --cache none                            # no cache: the frozen LM layers run every step
+    campe train --register campe                        # also register the run's MLflow Model as a new version
     torchrun --nproc_per_node 2 -m campe.cli train      # DDP (gloo on CPU, NCCL on GPU)
 
 Writes out_dir/{model.pt, ckpt_last.pt, model_config.json, train_config.json, train_log.csv, loss_curve.png,
 mlflow_run_id.txt, metrics.json} and train.metrics_file; prints a JSON summary (final loss terms, samples/s).
+With a tracking store, the MLflow run gets its datasets (the shards and the cache, with DVC's digests) at the start
+and, at the end, the model as an MLflow Model (runs:/<run id>/model, campe.mlflow_model), registered when
+train.register_model (or --register) names it.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (default: train.steps, or train.epochs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt_last.pt if it exists")
     p.add_argument("--stop-at", type=int, help="pause after this step (checkpointed; continue with --resume)")
+    p.add_argument("--register", metavar="NAME", help="register the run's MLflow Model under NAME in the store's "
+                                                      "Model Registry (default: train.register_model)")
 
 
 def load_run_config(path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -49,13 +55,26 @@ def load_run_config(path: str, overrides: dict[str, Any] | None = None) -> RunCo
 
 
 def run_stage(cfg: RunConfig, resume: bool = False, stop_at: int | None = None) -> dict:
-    return train(cfg, resume=resume, stop_at=stop_at)
+    """Train; a finished run with a tracking store also gets its MLflow Model (and a registered version when
+    train.register_model names one)."""
+    summary = train(cfg, resume=resume, stop_at=stop_at)
+    if "final" in summary and summary.get("run_id") and cfg.train.tracking_uri:  # rank 0 of a finished run
+        from campe.core.io import store_uri
+        from campe.mlflow_model import log_model, register_model
+
+        uri = store_uri(cfg.train.tracking_uri, cfg.base_dir or None)
+        log_model(uri, summary["run_id"], summary["out_dir"])
+        summary["mlflow_model"] = f"runs:/{summary['run_id']}/model"
+        if cfg.train.register_model:
+            version = register_model(uri, summary["run_id"], cfg.train.register_model)
+            summary["registered_model"] = f"models:/{version.name}/{version.version}"
+    return summary
 
 
 def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     for arg, key in (("shards", "shards_dir"), ("out", "out_dir"), ("metrics", "metrics_file"),
-                     ("method", "method"), ("steps", "steps")):
+                     ("method", "method"), ("steps", "steps"), ("register", "register_model")):
         if getattr(args, arg) is not None:
             overrides[key] = getattr(args, arg)
     if args.cache is not None:

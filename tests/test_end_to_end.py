@@ -90,7 +90,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo):
     dl = json.loads((repo / "metrics/download_stats.json").read_text())
     assert dl["successes"] == cfg["generate"]["train_images"] * cfg["generate"]["train_captions"]
     train = json.loads((repo / "metrics/train.json").read_text())
-    assert train["steps"] == cfg["train"]["steps"] and math.isfinite(train["final_loss"])
+    assert train["steps"] == cfg["train"]["steps"] and math.isfinite(train["mean_last10_loss"])
     img = json.loads((repo / "metrics/eval/generated.json").read_text())["metrics"]
     _recalls(img, ("i2t", "t2i"))
     vid = json.loads((repo / "metrics/eval/generated_msrvtt.json").read_text())["metrics"]
@@ -100,6 +100,17 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo):
     assert (repo / "plots/eval/generated/generated_recall.png").stat().st_size > 0
     assert (repo / "plots/eval/generated_msrvtt/generated_msrvtt_recall.png").stat().st_size > 0
 
+    # `dvc metrics show` prints the headline files (a few figures per stage and set, rounded); the full files are
+    # one argument away.
+    shown = _sh(repo, str(BIN / "dvc"), "metrics", "show")
+    assert "metrics/eval/generated.headline.json" in shown and "t2i_R@1" in shown and "rsum" not in shown
+    assert "metrics/train.headline.json" in shown and "mean_last10_loss" in shown and "final_lr" not in shown
+    assert max(len(line) for line in shown.splitlines()) < 400, shown
+    assert "t2i_mean_rank" in _sh(repo, str(BIN / "dvc"), "metrics", "show", "metrics/eval/generated.json")
+    assert json.loads((repo / "metrics/eval/generated.headline.json").read_text()) == {
+        k: v for k, v in img.items() if re.fullmatch(r"(i2t|t2i)_R@\d+", k)}
+    assert not (repo / "plots/eval/zero_shot").exists()  # zero-shot draws no pictures: none named
+
     # The MLflow SQLite store in the repo holds the training run, with its step and eval metrics.
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
@@ -108,6 +119,15 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo):
     assert run.data.metrics["eval/generated/t2i_R_at_1"] == pytest.approx(img["t2i_R@1"])
     assert run.data.metrics["eval/generated_msrvtt/v2t_R_at_5"] == pytest.approx(vid["v2t_R@5"])
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+    # ... its datasets with the digests DVC recorded for them (the train stage ran after download and cache, which
+    # dvc.lock had recorded by then), and its MLflow Model.
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    recorded = {o["path"]: o["md5"] for stage in ("download", "cache") for o in lock[stage]["outs"]}
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert inputs["train-shards"].digest == recorded["data/shards/train"]
+    assert inputs["text-cache"].digest == recorded["data/cache/train"]
+    assert json.loads(inputs["text-cache"].profile)["digest"] == "dvc.lock"
+    assert [m.name for m in client.search_logged_models([run.info.experiment_id])] == ["model"]
 
     # Each stage held its output folder's lock (campe.core.io.output_lock): a hidden file beside the folder, outside
     # every DVC output, so the second repro below stays a no-op.

@@ -294,9 +294,16 @@ def test_figures_are_written(tiny_generated, tmp_path):
     top = [ds.image_paths[:5], ds.image_paths[1:6]]
     flags = [[i == 2 for i in range(5)], [False] * 5]
     out = retrieval_examples_grid(ds.captions[:2], top, flags, tmp_path / "ex.png")
+    # The second query missed its image: shown after the top 5 with its rank (one more column).
+    with_missed = retrieval_examples_grid(ds.captions[:2], top, flags, tmp_path / "ex2.png",
+                                          missed=[None, (ds.image_paths[0], 7)])
+    assert Image.open(with_missed).size[0] > Image.open(out).size[0]
     imgs = np.stack([np.asarray(Image.open(q).convert("RGB")) for q in ds.image_paths[:3]])
     maps = torch.rand(3, 4, 4, 4)
-    out2 = aspect_maps_grid(imgs, maps, ["subject", "position", "secondary", "background"], tmp_path / "maps.png")
+    plain = aspect_maps_grid(imgs, maps, ["subject", "position", "secondary", "background"], tmp_path / "m0.png")
+    out2 = aspect_maps_grid(imgs, maps, ["subject", "position", "secondary", "background"], tmp_path / "maps.png",
+                            caption="what is mapped", scale_label="cosine")
+    assert Image.open(out2).size[1] > Image.open(plain).size[1]  # the caption below the grid
     out3 = recall_bars({"plain": {"i2t_R@1": 50.0, "t2i_R@1": 40.0}, "weighted": {"i2t_R@1": 60.0, "t2i_R@1": 30.0}},
                        tmp_path / "bars.png")
     sizes = [Image.open(o).size for o in (out, out2, out3)]

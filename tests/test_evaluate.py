@@ -204,7 +204,9 @@ def test_campe_evaluate_on_a_trained_checkpoint_logs_into_its_mlflow_run(tiny_ge
     args = ap.parse_args(["--params", str(params), "--checkpoint", str(out), "--zero-shot", str(root),
                           "--metrics-dir", str(tmp_path / "zs"), "--plots-dir", str(tmp_path / "zs_plots")])
     assert stage.run(args) == 0
-    assert sorted(f.name for f in (tmp_path / "zs").iterdir()) == ["zero_shot.json"]
+    assert sorted(f.name for f in (tmp_path / "zs").iterdir()) == ["zero_shot.headline.json", "zero_shot.json"]
+    head = json.loads((tmp_path / "zs" / "zero_shot.headline.json").read_text())
+    assert set(head) == {"shape_top1", "shape_top5", "colour_top1", "colour_top5"}  # what dvc metrics show prints
     assert json.loads((tmp_path / "zs" / "zero_shot.json").read_text())["dataset"] == "generated_zero_shot"
 
     # A checkpoint folder that is not a finished training run: a clear error naming it.

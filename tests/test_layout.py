@@ -124,7 +124,7 @@ def test_app_reference_reader_sees_every_kind_of_reference(tmp_path):
 
 # The library's layers, bottom up: a module imports only from its own package or from a lower layer.
 LAYERS = {"core": 0, "data": 1, "text": 2, "towers": 2, "model": 3, "locked": 3, "embed": 4, "plots": 4, "train": 4,
-          "attriprompt": 4, "cli": 5, "serve": 5}
+          "attriprompt": 4, "cli": 5, "serve": 5, "api": 5, "mlflow_model": 6}
 
 
 def layer_of(path: str) -> str:
@@ -134,11 +134,38 @@ def layer_of(path: str) -> str:
 
 
 def test_library_layers_import_only_downwards():
-    """core < data < text, towers < model < embed, plots, train < cli: no import runs back up (or sideways between
-    two packages of one layer), so a new method's package can stand on the layers below it."""
+    """core < data < text, towers < model < embed, plots, train < cli, api < mlflow_model: no import runs back up
+    (or sideways between two packages of one layer), so a new method's package can stand on the layers below it."""
     files = sorted(f.relative_to(ROOT).as_posix() for f in (ROOT / "campe").rglob("*.py"))
     unknown = {layer_of(f) for f in files if not f.endswith("__init__.py")} - set(LAYERS)
     assert not unknown, f"campe modules/packages without a layer in LAYERS: {sorted(unknown)}"
     upward = [f"{f} -> {g}" for f in files for g in sorted(imports_of(f))
               if g.startswith("campe/") and layer_of(g) != layer_of(f) and LAYERS[layer_of(g)] >= LAYERS[layer_of(f)]]
     assert not upward, f"imports that run up (or across) the library's layers: {upward}"
+
+
+def test_dvc_metrics_are_the_headlines_of_full_files_the_stage_writes():
+    """`dvc metrics show` prints the headline files only (a few figures per stage and set); each stage lists the
+    full metrics file beside its headline (campe.core.io.headline_path) as an output."""
+    from campe.core.io import headline_path
+
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    params = read_yaml(ROOT / "params.yaml")
+    stages = _expand_foreach(dvc, params)
+
+    def value(match):
+        section, key = match.group(1).split(".")
+        return str(params[section][key])
+
+    def paths(entries):
+        return [re.sub(r"\$\{(\w+\.\w+)\}", value, next(iter(e)) if isinstance(e, dict) else e)
+                for e in entries or []]
+
+    with_metrics = 0
+    for name, stage in stages.items():
+        outs = paths(stage.get("outs"))
+        for m in paths(stage.get("metrics")):
+            with_metrics += 1
+            assert m.endswith(".headline.json"), (name, m)
+            assert any(headline_path(o).as_posix() == m for o in outs), (name, m, outs)
+    assert with_metrics == len(stages) - 2  # every stage but generate and cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -214,7 +215,11 @@ def test_a_few_hundred_steps_drive_the_loss_down_and_beat_chance_retrieval(train
     t2i = ((txt @ img.T).argmax(1) == torch.arange(n)).float().mean().item()
     assert n >= 20 and i2t > 4 / n and t2i > 4 / n, (n, i2t, t2i)
     metrics = (tmp / "metrics" / "train.json").read_text()
-    assert '"final_contrastive_loss"' in metrics and '"samples_per_s"' in metrics
+    assert '"mean_last10_contrastive_loss"' in metrics and '"samples_per_s"' in metrics
+    headline = json.loads((tmp / "metrics" / "train.headline.json").read_text())
+    assert set(headline) == {"steps", "samples_per_s", "mean_last10_loss", "mean_last10_contrastive_loss"}
+    last10 = [r["contrastive_loss"] for r in rows[-10:]]  # named so: the mean over the last 10 logged steps
+    assert headline["mean_last10_contrastive_loss"] == pytest.approx(sum(last10) / 10, abs=1e-6)
 
 
 def test_mlflow_run_has_params_step_metrics_artifacts_and_run_id_file(trained):

@@ -46,6 +46,22 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def headline_path(metrics_file: str | Path) -> Path:
+    """metrics/eval/generated.json -> metrics/eval/generated.headline.json: the few figures `dvc metrics show`
+    prints by default (dvc.yaml lists these under `metrics:`; the full file is an output beside it)."""
+    p = Path(metrics_file)
+    return p.with_name(f"{p.stem}.headline.json")
+
+
+def write_metrics(path: str | Path, full: dict[str, Any], headline: dict[str, float]) -> Path:
+    """The full metrics JSON at `path` and its headline (headline_path), both atomically; numbers in the headline
+    are rounded to 6 decimals. Returns the headline's path."""
+    atomic_write_json(path, full)
+    head = headline_path(path)
+    atomic_write_json(head, {k: round(float(v), 6) if isinstance(v, float) else v for k, v in headline.items()})
+    return head
+
+
 def json_sha256(obj: Any, default: Callable[[Any], Any] | None = None) -> str:
     """sha256 (hex) of `obj` as canonical JSON (sorted keys); default: how to write values JSON lacks (e.g. str).
     The one hash of a config or params: callers shorten it as they need."""

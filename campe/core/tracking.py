@@ -3,10 +3,14 @@
     from campe.core.tracking import Tracker, log_batch, flatten_config
     tracker = Tracker(train_params, run_id=None, config_hash=cfg.hash())    # a new run (or continue run_id)
     tracker.log_params(flatten_config(cfg.to_dict())); tracker.log_metrics(rows); tracker.end("FINISHED")
+    tracker.log_datasets({"train-shards": "data/shards/train", "text-cache": "data/cache/train"}, base_dir=".")
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -63,6 +67,23 @@ class Tracker:
         log_batch(self.client, self.run_id, metrics=[Metric(k, float(v), now, int(r["step"])) for r in rows
                                                      for k, v in r.items() if k != "step" and math.isfinite(float(v))])
 
+    def log_datasets(self, folders: dict[str, str], base_dir: str = "", context: str = "train") -> None:
+        """mlflow.log_input for each {name: folder} (the run page's "Datasets"): digest = the md5 DVC recorded for
+        that folder in <base_dir>/dvc.lock when its file count and size still match, else computed
+        (folder_digest); the source is the folder as given (relative to the working dir, as the run read it), the
+        profile says files, bytes and the digest's origin."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        inputs = []
+        for name, folder in folders.items():
+            if not folder or not Path(folder).is_dir():
+                continue
+            digest, profile = dataset_digest(folder, base_dir)
+            ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": folder}),
+                         profile=json.dumps(profile))
+            inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)]))
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
     def log_artifact(self, path: str | Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
@@ -79,3 +100,60 @@ def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+def _folder_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def folder_digest(root: str | Path) -> str:
+    """md5 (32 hex) over the sorted (relative path, md5 of the content) of every file under root: DVC's kind of
+    directory digest, computed when dvc.lock has none for the folder."""
+    root = Path(root)
+    h = hashlib.md5()
+    for f in _folder_files(root):
+        m = hashlib.md5()
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                m.update(block)
+        h.update(f"{f.relative_to(root).as_posix()}\0{m.hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def dvc_lock_entry(folder: str, base_dir: str = "") -> dict | None:
+    """The entry (md5, size, nfiles) DVC recorded in <base_dir>/dvc.lock for `folder` (a path from the working dir;
+    an out of the stage that wrote it, else a dep), or None."""
+    lock = Path(base_dir or ".", "dvc.lock")
+    if not lock.is_file():
+        return None
+    import yaml
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return None
+    base = Path(base_dir or ".").resolve()
+    target = os.path.normpath(os.path.relpath(Path(folder).resolve(), base))
+    found = None
+    for stage in stages.values():
+        for kind in ("outs", "deps"):
+            for e in stage.get(kind) or []:
+                if os.path.normpath(str(e.get("path", ""))) == target and "md5" in e:
+                    if kind == "outs":
+                        return e
+                    found = found or e
+    return found
+
+
+def dataset_digest(folder: str, base_dir: str = "") -> tuple[str, dict[str, Any]]:
+    """(digest, profile) of a data folder (a path from the working dir): DVC's md5 from <base_dir>/dvc.lock when its
+    nfiles and size match the folder now, else folder_digest. profile: {"files", "bytes", "digest": "dvc.lock" |
+    "computed"}."""
+    root = Path(folder)
+    files = _folder_files(root)
+    size = sum(f.stat().st_size for f in files)
+    profile: dict[str, Any] = {"files": len(files), "bytes": size}
+    entry = dvc_lock_entry(folder, base_dir)
+    if entry is not None and entry.get("nfiles") == len(files) and entry.get("size") == size:
+        return str(entry["md5"]), {**profile, "digest": "dvc.lock"}
+    return folder_digest(root), {**profile, "digest": "computed"}

@@ -22,10 +22,10 @@ Outputs in out_dir (rank 0 only):
     train_log.csv        per-step metrics (step, epoch, lr, loss, each term, grad_norm, samples_per_s)
     loss_curve.png       the loss terms against the step
     mlflow_run_id.txt    the MLflow run (written at the start, so evaluation and a resumed run log into it)
-    metrics.json         final loss terms, throughput, the samples skipped because their image does not decode
-                         (skipped_samples, skipped_fraction) and, for the prompt methods, whether the K prompts
-                         differ (prompt_state_cosine, apt_movement, ...: campe.text.diagnostics); also copied to
-                         train.metrics_file for DVC and logged to MLflow
+    metrics.json         final loss terms (means over the last 10 steps: mean_last10_<term>), throughput, the samples
+                         skipped because their image does not decode (skipped_samples, skipped_fraction) and, for
+                         the prompt methods, whether the K prompts differ (prompt_state_cosine, apt_movement, ...:
+                         campe.text.diagnostics); also copied to train.metrics_file for DVC and logged to MLflow
 
 Undecodable images (campe.data.imageprep): a sample whose image does not decode is left out of the batches (every
 batch stays full, so the DDP ranks stay in step), warned about with its shard and key, and counted once however
@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from campe.core.io import atomic_write_json
+from campe.core.io import atomic_write_json, write_metrics
 from campe.core.losses import CampeObjective, total_loss
 from campe.core.tracking import Tracker, flatten_config
 from campe.data.imageprep import SHOWN_SKIPS, UndecodableImageWarning, check_skip_fraction
@@ -66,6 +66,13 @@ from campe.train.log import LOG_FILE, plot_loss_curve, read_log, write_log
 from campe.train.optim import lr_factor, make_optimizer
 from campe.train.run_config import RunConfig, TrainParams
 from campe.train.sources import CachedPairs, MemoryPairs
+
+
+# The final loss terms in metrics.json (and train.metrics_file, MLflow) are means over the last FINAL_WINDOW steps,
+# named so (mean_last10_contrastive_loss): the last step's own value (the last point of the logged curve) is noisier.
+FINAL_WINDOW = 10
+FINAL_PREFIX = f"mean_last{FINAL_WINDOW}_"
+HEADLINE = ("steps", "samples_per_s", f"{FINAL_PREFIX}loss", f"{FINAL_PREFIX}contrastive_loss")
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -99,7 +106,10 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
     """The run, step by step (the order matters: the RNG streams and the files are those of an exact resume)."""
     out = _prepare_out_dir(cfg, info)
     model, resolved, encoder, mode = _resolve_model(cfg, source, model)
-    if source is None:
+    datasets: dict[str, str] = {}
+    if source is None:  # read from the data folders: the run names them (and their digests) as its inputs
+        datasets = {"train-shards": cfg.train.shards_dir, **({"text-cache": cfg.train.cache_dir}
+                                                             if mode == "cached" else {})}
         source = _shard_source(cfg, mode, encoder)
     text_input = _text_input_fn(cfg, model, mode)
     model.to(info.device)
@@ -109,7 +119,7 @@ def _train(cfg: RunConfig, info: DistInfo, source: Any, model: CLIPModel | None,
     resume_rng = run.restore() if resume and run.ckpt_path.exists() else run.fresh_log()
     run.wrap_ddp()
     objective = CampeObjective.from_config(cfg.loss, info.rank, info.world_size)
-    run.open_tracking(resolved)
+    run.open_tracking(resolved, datasets)
     return _loop(run, objective, text_input, resolved, resume_rng, stop_at, checkpoint_at_stop)
 
 
@@ -295,8 +305,9 @@ class _Run:
                 self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                 find_unused_parameters=self.cfg.model.video_pool == "attn")  # the temporal pool is idle on images
 
-    def open_tracking(self, resolved: dict) -> None:
-        """Rank 0: the run's config files, and its MLflow run (new, with its params, or the resumed one)."""
+    def open_tracking(self, resolved: dict, datasets: dict[str, str]) -> None:
+        """Rank 0: the run's config files, and its MLflow run (new, with its params and its input datasets
+        {name: folder}, or the resumed one)."""
         cfg, info, out = self.cfg, self.info, self.out
         if not info.main:
             return
@@ -314,6 +325,7 @@ class _Run:
                                      "world_size": info.world_size, "total_steps": self.total,
                                      "trainable_parameters": sum(p.numel() for p in self.model.parameters()
                                                                  if p.requires_grad)})
+            self.tracker.log_datasets(datasets, base_dir=cfg.base_dir)
 
     def note_skips(self) -> None:
         """Gather the samples left out since the last call (every rank's), warn about new ones, and stop every
@@ -353,7 +365,11 @@ class _Run:
             i, j = bad[0].tolist()
             raise FloatingPointError(f"step {pending[i][0]}: {keys[j]} is {float(vals[i, j])}; lower train.lr, "
                                      f"raise warmup_steps or use precision fp32")
-        rate = self.window_steps * self.tp.batch_size / max(1e-9, time.perf_counter() - self.window_start)
+        # samples/s since the previous flush, over all the wall time (this flush's MLflow logging and checkpoints
+        # included): the windows tile the run, so their mean is the run's average, which the progress bar shows.
+        now = time.perf_counter()
+        rate = self.window_steps * self.tp.batch_size / max(1e-9, now - self.window_start)
+        self.window_start, self.window_steps = now, 0
         rows = []
         for (s, e, lr, _), v in zip(pending, vals.cpu().tolist()):
             row = {"step": s, "epoch": e, "lr": lr, **dict(zip(keys, v)), "samples_per_s": rate}
@@ -417,7 +433,6 @@ class _Run:
                 bar.set_postfix(step=step, loss=f"{float(loss.detach()):.4f}", refresh=False)
         if step % tp.log_every == 0:
             self.flush()
-            self.window_start, self.window_steps = time.perf_counter(), 0
         if tp.ckpt_every and step % tp.ckpt_every == 0 and step < self.total:
             self.flush()
             self.checkpoint()
@@ -428,8 +443,10 @@ def _progress_bar(run: _Run) -> Any:
         return None
     from tqdm import tqdm
     b = run.tp.batch_size
+    # smoothing=0: the rate shown is the average since the bar started (metrics.json's samples_per_s at the end),
+    # not tqdm's default moving average of the last refreshes, which swings with each MLflow flush.
     return tqdm(total=run.total * b, initial=run.step * b, unit="sample", unit_scale=True, dynamic_ncols=True,
-                mininterval=1.0, desc=f"train {run.cfg.method}")
+                mininterval=1.0, smoothing=0, desc=f"train {run.cfg.method}")
 
 
 def _loop(run: _Run, objective: CampeObjective, text_input: Callable[[dict], Any], resolved: dict,
@@ -516,7 +533,7 @@ def _finish(cfg: RunConfig, info: DistInfo, model: CLIPModel, resolved: dict, ou
     if not info.main:
         return summary
     rows = read_log(out / LOG_FILE)  # the whole run, across resumes
-    last = rows[-tp.log_every:] if rows else []
+    last = rows[-FINAL_WINDOW:] if rows else []  # the "final" figures: means over the last steps (one is noisy)
     final = {k: sum(r[k] for r in last) / len(last) for k in last[0]
              if k not in ("step", "epoch", "samples_per_s")} if last else {}
     summary["final"] = {k: round(v, 6) for k, v in final.items()}
@@ -525,14 +542,15 @@ def _finish(cfg: RunConfig, info: DistInfo, model: CLIPModel, resolved: dict, ou
     diagnostics = {k: round(v, 6) for k, v in text_diagnostics(model.text).items()}  # {} without prompts
     metrics = {"steps": step, "samples_per_s": summary["samples_per_s"], "world_size": info.world_size,
                "skipped_samples": len(skipped), "skipped_fraction": skip_fraction,
-               **{f"final_{k}": v for k, v in summary["final"].items()}, **diagnostics, **(early or {})}
+               **{f"{FINAL_PREFIX}{k}": v for k, v in summary["final"].items()}, **diagnostics, **(early or {})}
     summary.update(early or {})
     atomic_write_json(out / "metrics.json", metrics)
     if tp.metrics_file:
-        atomic_write_json(tp.metrics_file, metrics)
+        write_metrics(tp.metrics_file, metrics, {k: metrics[k] for k in HEADLINE if k in metrics})
     if tracker is not None:
         tracker.log_metrics([{"step": step, "samples_per_s_run": samples_per_s, "skipped_samples": len(skipped),
-                              "skipped_fraction": skip_fraction, **diagnostics}])
+                              "skipped_fraction": skip_fraction, **diagnostics,
+                              **{FINAL_PREFIX + k: v for k, v in summary["final"].items() if k.endswith("loss")}}])
         for name in ("train_config.json", "model_config.json", FINAL, "loss_curve.png", LOG_FILE, "metrics.json"):
             tracker.log_artifact(out / name)
     return summary

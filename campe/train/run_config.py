@@ -88,6 +88,7 @@ class TrainParams:
     experiment: str = "campe"
     artifact_root: str = "mlartifacts"  # a new experiment stores its artifacts in <artifact_root>/<experiment>
     run_name: str = ""  # MLflow run name; "" = train/<method>/<UTC date>
+    register_model: str = ""  # also register the run's MLflow Model under this name in the store's Model Registry
     max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION  # undecodable images: stop once more than this fraction
     apt_lr_mult: float = 1.0  # the APT vectors' lr = lr x this (campe/train/optim.py)
     image_tower: str = "scratch"  # scratch (ViT from scratch) | locked (frozen EfficientNet-Lite0 features, cached)
@@ -129,7 +130,7 @@ class TrainParams:
 # Fields that may change between a run and its resume (they do not change the numbers).
 RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_workers", "log_every", "ckpt_every",
                   "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device", "max_skip_fraction",
-                  "image_features_dir", "val_set")
+                  "image_features_dir", "val_set", "register_model")
 # Fields added after runs existed, hashed only when set to another value than this one: the hash of a config that
 # leaves them at their defaults (and the resume and finished-cell checks built on it) stays what it was.
 HASHED_IF_NOT = {("text_encoder", "apt_placeholder"): "shared", ("text_encoder", "apt_entry"): "first_trainable",
