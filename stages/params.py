@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.ablate import AblateParams
+from campe.attriprompt.config import PromptLearnParams
 from campe.core.config import ConfigError, from_dict, json_schema, read_yaml
 from campe.core.io import atomic_write_bytes
 from campe.core.losses import LossConfig
@@ -36,7 +37,7 @@ HELP = "check params.yaml (every section, across sections) or write its JSON Sch
 SECTIONS: dict[str, type] = {
     "generate": SynthParams, "download": DownloadParams, "text_encoder": MultiPromptConfig, "cache": CacheParams,
     "model": ModelConfig, "loss": LossConfig, "train": TrainParams, "evaluate": EvaluateParams,
-    "ablate": AblateParams, "flow": FlowParams,
+    "ablate": AblateParams, "flow": FlowParams, "prompt_learn": PromptLearnParams,
 }
 SCHEMA_FILE = "params.schema.json"
 # Checked for keys and types everywhere, but their own semantic check only where they are used: FlowParams'

@@ -21,12 +21,13 @@ from campe.train.run_config import DERIVED, TrainParams
 from stages.cache import CacheParams
 from stages.evaluate import EvaluateParams
 from stages.download import DownloadParams
+from campe.attriprompt.config import PromptLearnParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"generate": SynthParams, "download": DownloadParams, "flow": FlowParams,
             "text_encoder": MultiPromptConfig, "cache": CacheParams,
             "model": ModelConfig, "loss": LossConfig, "train": TrainParams, "evaluate": EvaluateParams,
-            "ablate": AblateParams}
+            "ablate": AblateParams, "prompt_learn": PromptLearnParams}
 
 
 def test_shipped_params_load_into_their_dataclasses():
@@ -132,7 +133,7 @@ def test_dvc_yaml_names_only_existing_params_and_deps():
 
 def test_cli_commands_resolve_and_unknown_command_fails(capsys):
     table = cli.commands()  # a registered module that is missing fails here (find_spec finds no file)
-    assert {"generate", "download", "cache", "train", "evaluate", "ablate", "flow", "prompts", "params"} <= set(table)
+    assert {"generate", "download", "cache", "train", "evaluate", "ablate", "flow", "prompts", "params", "prompt-learn"} <= set(table)
     for module, help_line in table.values():
         mod = importlib.import_module(module)
         assert callable(mod.add_arguments) and callable(mod.run)
