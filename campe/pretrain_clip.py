@@ -182,7 +182,7 @@ def train(model, images: np.ndarray, caption_ids: list[list[list[int]]], p: Pret
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
-                curve.append(float(loss))
+                curve.append(loss.item())
                 bar.set_postfix(loss=f"{curve[-1]:.3f}")
                 bar.update()
     model.eval()
@@ -265,6 +265,8 @@ def pretrain_clip(p: PretrainClipParams, fewshot_root: str | Path, out_dir: str 
 def _save(model, tokenizer, processor, summary: dict[str, Any], out: Path) -> None:
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.parent.glob(f".{out.name}.tmp-*")) + list(out.parent.glob(f".{out.name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (the caller holds the folder's lock)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
