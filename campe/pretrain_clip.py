@@ -116,7 +116,7 @@ def image_processor(p: PretrainClipParams):
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 [N,H,W,3] -> float [N,3,H,W], normalised as the saved image processor does."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.tensor(images).permute(0, 3, 1, 2).float() / 255.0  # a copy: decoded images are read-only
     return (x - MEAN) / STD
 
 
@@ -253,7 +253,7 @@ def pretrain_clip(p: PretrainClipParams, fewshot_root: str | Path, out_dir: str 
     summary = {"params": dataclasses.asdict(p), "pairs": len(captions), "skipped_as_fewshot": skipped,
                "excluded_hashes": len(exclude), "vocab_size": len(tokenizer), "steps": len(curve),
                "loss_first": round(float(np.mean(curve[:10])), 4), "loss_last": round(float(np.mean(curve[-10:])), 4),
-               "logit_scale": round(float(model.logit_scale.exp()), 3),
+               "logit_scale": round(model.logit_scale.exp().item(), 3),
                "parameters": sum(q.numel() for q in model.parameters()), "zero_shot": zs,
                "seconds": {"data": round(t_data, 1), "train": round(t_train, 1),
                            "total": round(time.perf_counter() - t0, 1),

@@ -340,9 +340,9 @@ def generate_fewshot(p: FewShotParams, out_dir: str | Path, progress: bool = Tru
                 raise
             made.append(name)
         sets[name] = {k: v for k, v in info.items() if k != "pixel_hashes"}
-    summary = {"version": FEWSHOT_VERSION, "params": dataclasses.asdict(p), "datasets": sets, "made": made}
-    atomic_write_json(root / "manifest.json", summary)
-    return summary
+    summary = {"version": FEWSHOT_VERSION, "params": dataclasses.asdict(p), "datasets": sets}
+    atomic_write_json(root / "manifest.json", summary)  # the same whether resumed or not
+    return {**summary, "made": made}
 
 
 def fewshot_pixel_hashes(root: str | Path) -> set[str]:
