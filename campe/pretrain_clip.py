@@ -53,8 +53,8 @@ class PretrainClipParams:
     embed_dim: int = 128
     context_length: int = 32
     vocab_size: int = 320  # BPE target; the captions' words need ~100
-    epochs: int = 4
-    batch_size: int = 256
+    epochs: int = 3
+    batch_size: int = 128
     lr: float = 0.002
     weight_decay: float = 0.05
     warmup_steps: int = 20
