@@ -20,7 +20,7 @@ from tests.tiny_config import save_tiny_lm, write_tiny_params
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, campe
 EVAL_STAGES = ["evaluate_image@generated", "evaluate_video@generated_msrvtt", "evaluate_zero_shot"]
-STAGES = ["generate", "download", "cache", "train", *EVAL_STAGES]
+STAGES = ["generate", "download", "cache", "train", *EVAL_STAGES, "fewshot_data", "pretrain_clip"]
 
 
 def _copy_repo(dst: Path) -> Path:

@@ -82,6 +82,11 @@ def tiny_params(root: str | os.PathLike = "", text_model: str = "minilm") -> dic
                          msrvtt_max_captions=20, video_frames=4, examples=2),
         "flow": dict(deployment_name="campe-tiny", cron="0 3 * * *", timezone="UTC", generate=True,
                      generated_dir=gen),
+        "fewshot_data": dict(seed=3, image_size=32, train_per_class=2, val_per_class=1, test_per_class=2,
+                             datasets=["FinePolygons", "Counts"]),
+        "pretrain_clip": dict(seed=0, pairs=48, image_size=32, patch_size=8, width=32, vision_layers=1, text_layers=1,
+                              heads=2, embed_dim=32, context_length=32, vocab_size=200, epochs=1, batch_size=16,
+                              lr=0.002, weight_decay=0.05, warmup_steps=1, threads=1, prompt="a photo of a {}."),
     }
 
 
