@@ -111,7 +111,7 @@ def _cross_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _fmt(s: dict[str, float] | None) -> str:
-    if not s:
+    if not s or s["mean"] != s["mean"]:  # missing, or nan (no target of that kind)
         return "—"
     return f"{s['mean']:.1f} ± {s['std']:.1f} [±{s['ci95']:.1f}] (n={s['n']})"
 
