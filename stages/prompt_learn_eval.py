@@ -25,10 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from campe.attriprompt.config import PromptLearnParams
     from campe.attriprompt.report import report
-    from stages.prompt_learn import load_section
+    from campe.core.config import from_dict
+    from stages.params import check_params
 
-    p = load_section(args.params)
+    data = check_params(args.params)  # the whole file, before any work
+    p = from_dict(PromptLearnParams, data.get("prompt_learn") or {}, f"{args.params}:prompt_learn")
     out = report(p, args.plots, args.metrics)
     print(json.dumps({"average": {m: {k: round(v["mean"], 2) for k, v in a.items()}
                                   for m, a in out.get("average", {}).items()}, "retrieval": out["retrieval"]}))
