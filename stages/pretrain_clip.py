@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from campe.core.config import load_params
-from campe.core.io import atomic_write_json, output_lock
+from campe.core.io import output_lock, write_metrics
 from campe.pretrain_clip import PretrainClipParams, pretrain_clip
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
@@ -35,7 +35,10 @@ def run_stage(params: PretrainClipParams, fewshot: str, out: str, metrics: str, 
     with output_lock(out, "campe pretrain_clip"):
         summary = pretrain_clip(params, fewshot, out, progress)
     keep = ("pairs", "skipped_as_fewshot", "steps", "loss_first", "loss_last", "parameters", "zero_shot", "seconds")
-    atomic_write_json(metrics, {k: summary[k] for k in keep})
+    # `dvc metrics show` prints the headline (each set's zero-shot top-1 over all its classes, the final loss); the
+    # full file beside it keeps base/novel/HM and the counts.
+    head = {f"zero_shot_top1/{name}": z["accuracy"] for name, z in summary["zero_shot"].items()}
+    write_metrics(metrics, {k: summary[k] for k in keep}, {"loss_last": summary["loss_last"], **head})
     return summary
 
 
