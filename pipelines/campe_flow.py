@@ -5,8 +5,9 @@
     campe flow serve                   # serve that deployment: runs on its cron schedule (needs a Prefect server:
                                        #   `prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api)
 
-Stages: generate (embedded default only) -> download (retries) -> cache -> train -> evaluate, one task per stage,
-named after it.
+Stages: generate (embedded default only) -> download (retries) -> cache -> train -> evaluate, then AttriPrompt's:
+fewshot_data and pretrain_clip (embedded default only) -> prompt_learn_train -> prompt_learn_eval; one task per
+stage, named after it.
 
 Design: each task calls the stage function in-process with the params file's sections (not `dvc repro <stage>`),
 so a flow run and `dvc repro` produce the same artifacts from the same code, while Prefect sees each stage's own
@@ -48,8 +49,11 @@ from pipelines.flow_params import FlowParams
 from stages.cache import CacheParams, run_stage as cache_stage
 from stages.download import DownloadInputError, DownloadParams, run_stage as download_stage
 from stages.evaluate import EvaluateParams, mlflow_metric_name, run_stage as evaluate_stage
+from stages.fewshot_data import FewShotParams, run_stage as fewshot_stage
 from stages.generate import run_stage as generate_stage
 from stages.params import check_params
+from stages.pretrain_clip import PretrainClipParams, run_stage as pretrain_clip_stage
+from stages.prompt_learn import load_section as prompt_learn_section
 from stages.train import load_run_config, run_stage as train_stage
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
@@ -57,7 +61,9 @@ HELP = "run, show or serve the Prefect flow (scheduled deployment from params.ya
 
 # The params sections each stage reads (what its params hash covers; the same lists as dvc.yaml's `params`).
 STAGE_SECTIONS = {"generate": ("generate",), "download": ("download",), "cache": ("cache", "text_encoder"),
-                  "train": TRAIN_SECTIONS, "evaluate": ("evaluate",)}
+                  "train": TRAIN_SECTIONS, "evaluate": ("evaluate",), "fewshot_data": ("fewshot_data",),
+                  "pretrain_clip": ("pretrain_clip",), "prompt_learn_train": ("prompt_learn",),
+                  "prompt_learn_eval": ("prompt_learn",)}
 PARENT_TAG = "mlflow.parentRunId"
 # ------------------------------------------------------------------------------------------------------ MLflow
 def sections_hash(params_file: str, sections: tuple[str, ...]) -> str:
@@ -250,11 +256,63 @@ def _eval_metrics(results: dict[str, Any]) -> dict[str, float]:
             for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
+# AttriPrompt's stages. The few-shot sets and the CLIP go where prompt_learn reads them (data_root, clip_path: in
+# params.yaml the paths dvc.yaml writes); pretrain_clip's metrics and the report's pictures beside the params file.
+@task(name="fewshot_data")
+def fewshot_data_task(params_file: str, ctx: RunContext | None = None) -> dict[str, Any]:
+    p = load_params(params_file, "fewshot_data", FewShotParams)
+    out = prompt_learn_section(params_file).data_root
+    return _tracked("fewshot_data", ctx, lambda: fewshot_stage(p, out, progress=False), Path(params_file).stem)
+
+
+@task(name="pretrain_clip")
+def pretrain_clip_task(params_file: str, ctx: RunContext | None = None) -> dict[str, Any]:
+    p = load_params(params_file, "pretrain_clip", PretrainClipParams)
+    pl = prompt_learn_section(params_file)
+    metrics = os.path.join(_base(params_file), "metrics", "pretrain_clip.json")
+    return _tracked("pretrain_clip", ctx, lambda: pretrain_clip_stage(p, pl.data_root, pl.clip_path, metrics,
+                                                                      progress=False), Path(params_file).stem)
+
+
+@task(name="prompt_learn_train")
+def prompt_learn_train_task(params_file: str, ctx: RunContext | None = None) -> dict[str, Any]:
+    """Each (method, dataset, seed) cell keeps its own MLflow run (tagged with this child's id)."""
+    from campe.attriprompt.trainer import run_all
+
+    p = prompt_learn_section(params_file)
+
+    def run() -> dict[str, Any]:
+        rows = run_all(p, base_dir=_base(params_file))
+        keys = ("base_acc", "novel_acc", "hm", "source_acc", "xd_avg", "dg_avg")
+        return {"cells": {f"{r['method']}/{r['dataset']}/seed{r['seed']}": {k: r[k] for k in keys if k in r}
+                          for r in rows}, "cell_runs": [r["mlflow_run_id"] for r in rows]}
+
+    out = _tracked("prompt_learn_train", ctx, run, Path(params_file).stem,
+                   to_metrics=lambda s: _numbers({"cells": s["cells"]}))
+    if ctx is not None:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=store_uri(p.tracking_uri, _base(params_file)))
+        for run_id in out["cell_runs"]:
+            client.set_tag(run_id, "campe.flow_stage_run_id", out["mlflow_run_id"])
+    return out
+
+
+@task(name="prompt_learn_eval")
+def prompt_learn_eval_task(params_file: str, ctx: RunContext | None = None) -> dict[str, Any]:
+    from campe.attriprompt.report import report
+
+    p = prompt_learn_section(params_file)
+    plots = os.path.join(_base(params_file), "plots", "prompt_learning")
+    metrics = os.path.join(p.metrics_dir, "report.json")
+    return _tracked("prompt_learn_eval", ctx, lambda: report(p, plots, metrics), Path(params_file).stem)
+
+
 # -------------------------------------------------------------------------------------------------------- flow
 @flow(name="campe-pipeline")
 def campe_pipeline(params_file: str = "params.yaml", generated_dir: str = "data/generated",
                    generate: bool = True) -> dict[str, Any]:
-    """generate (embedded default only) -> download -> cache -> train -> evaluate. Returns each stage's summary
+    """generate (embedded default only) -> download -> cache -> train -> evaluate -> fewshot_data, pretrain_clip
+    (embedded default only) -> prompt_learn_train -> prompt_learn_eval. Returns each stage's summary
     (+ its MLflow run id) and, under "mlflow", the parent run id."""
     from prefect.runtime import flow_run
 
@@ -270,6 +328,11 @@ def campe_pipeline(params_file: str = "params.yaml", generated_dir: str = "data/
         prev = download_task.submit(params_file, ctx, wait_for=upstream)
         results["download"] = prev.result()
         for name, stage_task in (("cache", cache_task), ("train", train_task), ("evaluate", evaluate_task)):
+            prev = stage_task.submit(params_file, ctx, wait_for=[prev])
+            results[name] = prev.result()
+        attri = [("fewshot_data", fewshot_data_task), ("pretrain_clip", pretrain_clip_task)] if generate else []
+        attri += [("prompt_learn_train", prompt_learn_train_task), ("prompt_learn_eval", prompt_learn_eval_task)]
+        for name, stage_task in attri:
             prev = stage_task.submit(params_file, ctx, wait_for=[prev])
             results[name] = prev.result()
     except BaseException:

@@ -24,6 +24,8 @@ from campe.core.losses import LossConfig
 from campe.model import ModelConfig
 from campe.text.multiprompt import MultiPromptConfig
 from campe.data.synth import SynthParams
+from campe.data.synth_fewshot import FewShotParams
+from campe.pretrain_clip import PretrainClipParams
 from campe.train.run_config import TRAIN_SECTIONS, TrainParams, resolve_run_config
 from pipelines.flow_params import FlowParams
 from stages.cache import CacheParams
@@ -38,6 +40,7 @@ SECTIONS: dict[str, type] = {
     "generate": SynthParams, "download": DownloadParams, "text_encoder": MultiPromptConfig, "cache": CacheParams,
     "model": ModelConfig, "loss": LossConfig, "train": TrainParams, "evaluate": EvaluateParams,
     "ablate": AblateParams, "flow": FlowParams, "prompt_learn": PromptLearnParams,
+    "fewshot_data": FewShotParams, "pretrain_clip": PretrainClipParams,
 }
 SCHEMA_FILE = "params.schema.json"
 # Checked for keys and types everywhere, but their own semantic check only where they are used: FlowParams'
@@ -63,6 +66,12 @@ def _check_across(data: dict[str, Any], built: dict[str, Any], where: str) -> No
             built["text_encoder"].check_embed_dim(joint_embed_dim(data))
         except ValueError as e:
             raise ConfigError(f"{where}:text_encoder: {e}") from None
+    if "fewshot_data" in data and "pretrain_clip" in data:
+        fs, clip = built["fewshot_data"], built["pretrain_clip"]
+        if fs.image_size != clip.image_size:
+            raise ConfigError(f"{where}: fewshot_data.image_size is {fs.image_size} but pretrain_clip.image_size is "
+                              f"{clip.image_size}; the CLIP is evaluated (and used) on those images: set both to "
+                              f"the same size")
     if "download" in data and "model" in data:
         down, model, shards = built["download"], built["model"], built["train"].shards_dir
         if shards == down.output_dir and down.image_size != model.image_size:

@@ -20,7 +20,8 @@ from tests.tiny_config import save_tiny_lm, write_tiny_params
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, campe
 EVAL_STAGES = ["evaluate_image@generated", "evaluate_video@generated_msrvtt", "evaluate_zero_shot"]
-STAGES = ["generate", "download", "cache", "train", *EVAL_STAGES]
+STAGES = ["generate", "download", "cache", "train", *EVAL_STAGES, "fewshot_data", "pretrain_clip", "prompt_learn_train",
+          "prompt_learn_eval"]
 
 
 def _copy_repo(dst: Path) -> Path:
@@ -128,6 +129,19 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo):
     assert inputs["text-cache"].digest == recorded["data/cache/train"]
     assert json.loads(inputs["text-cache"].profile)["digest"] == "dvc.lock"
     assert [m.name for m in client.search_logged_models([run.info.experiment_id])] == ["model"]
+
+    # AttriPrompt's stages: a metrics JSON per (method, dataset, seed) cell with its MLflow run, the summary, the
+    # report (method averages, retrieval usage) and its pictures.
+    pl = cfg["prompt_learn"]
+    for m in pl["methods"]:
+        for d in pl["datasets"]:
+            cell = json.loads((repo / f"metrics/prompt_learning/base2new/{m}/{d}/seed1.json").read_text())
+            assert 0 <= cell["base_acc"] <= 100 and 0 <= cell["novel_acc"] <= 100
+            assert client.get_run(cell["mlflow_run_id"]).info.status == "FINISHED"
+    report = json.loads((repo / "metrics/prompt_learning/report.json").read_text())
+    assert set(report["average"]) == set(pl["methods"]) and set(report["retrieval"]) == set(pl["datasets"])
+    for name in ("bnh.png", "clusters.png", *(f"usage_{d}.png" for d in pl["datasets"])):
+        assert (repo / "plots/prompt_learning" / name).stat().st_size > 0, name
 
     # Each stage held its output folder's lock (campe.core.io.output_lock): a hidden file beside the folder, outside
     # every DVC output, so the second repro below stays a no-op.

@@ -13,7 +13,8 @@ from prefect.testing.utilities import prefect_test_harness
 from campe.data.shards import shard_paths
 from tests.tiny_config import save_tiny_lm, write_tiny_params
 
-STAGES = ("generate", "download", "cache", "train", "evaluate")
+STAGES = ("generate", "download", "cache", "train", "evaluate", "fewshot_data", "pretrain_clip", "prompt_learn_train",
+          "prompt_learn_eval")
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +90,22 @@ def test_full_flow_makes_every_stage_output_and_parent_child_mlflow_runs(prefect
     assert children["evaluate"].data.tags["campe.train_run_id"] == train_run.info.run_id
     assert children["download"].data.metrics["success_rate"] == 1.0
     assert children["cache"].data.params["text_encoder.k"] == "2"
+
+    # AttriPrompt's stages: the few-shot sets and the CLIP where prompt_learn reads them, a metrics JSON and an
+    # MLflow run per (method, dataset, seed) cell (tagged with the stage's child run), the report's pictures.
+    pl = cfg["prompt_learn"]
+    cells = out["prompt_learn_train"]["cells"]
+    assert len(cells) == len(pl["methods"]) * len(pl["datasets"]) * len(pl["seeds"])
+    for key, m in cells.items():
+        method, dataset, seed = key.split("/")
+        saved = json.loads((tmp_path / f"metrics/prompt_learning/base2new/{method}/{dataset}/{seed}.json").read_text())
+        assert saved["hm"] == pytest.approx(m["hm"]) and 0 <= m["base_acc"] <= 100
+        assert children["prompt_learn_train"].data.metrics[f"cells/{key}/hm"] == pytest.approx(m["hm"])
+        cell_run = client.get_run(saved["mlflow_run_id"])
+        assert cell_run.data.tags["campe.flow_stage_run_id"] == children["prompt_learn_train"].info.run_id
+    assert (tmp_path / "data/models/clip/config.json").is_file()
+    assert {f.name for f in (tmp_path / "plots/prompt_learning").iterdir()} >= {"bnh.png", "clusters.png"}
+    assert out["prompt_learn_eval"]["average"].keys() == set(pl["methods"])
 
 
 def test_params_hash_covers_exactly_the_stage_sections(tmp_path):

@@ -124,7 +124,7 @@ def test_app_reference_reader_sees_every_kind_of_reference(tmp_path):
 
 # The library's layers, bottom up: a module imports only from its own package or from a lower layer.
 LAYERS = {"core": 0, "data": 1, "text": 2, "towers": 2, "model": 3, "locked": 3, "embed": 4, "plots": 4, "train": 4,
-          "attriprompt": 4, "cli": 5, "serve": 5, "api": 5, "mlflow_model": 6}
+          "attriprompt": 4, "pretrain_clip": 4, "cli": 5, "serve": 5, "api": 5, "mlflow_model": 6}
 
 
 def layer_of(path: str) -> str:
@@ -161,11 +161,14 @@ def test_dvc_metrics_are_the_headlines_of_full_files_the_stage_writes():
         return [re.sub(r"\$\{(\w+\.\w+)\}", value, next(iter(e)) if isinstance(e, dict) else e)
                 for e in entries or []]
 
-    with_metrics = 0
+    without = set()
     for name, stage in stages.items():
         outs = paths(stage.get("outs"))
+        if not stage.get("metrics"):
+            without.add(name)
         for m in paths(stage.get("metrics")):
-            with_metrics += 1
             assert m.endswith(".headline.json"), (name, m)
             assert any(headline_path(o).as_posix() == m for o in outs), (name, m, outs)
-    assert with_metrics == len(stages) - 2  # every stage but generate and cache
+    # Every stage has headline metrics but those that make data (generate, cache, fewshot_data) and the prompt
+    # learners' training, whose per-cell files the eval stage's report sums up.
+    assert without == {"generate", "cache", "fewshot_data", "prompt_learn_train"}

@@ -6,7 +6,7 @@
 
 Sizes: 24 train images x 2 captions (48 pairs) at 32 px, 3+3 four-frame videos; MiniLM (the packaged model) with
 K=2 prompts (or a 2-layer local BERT, save_tiny_lm, when speed matters); campe.model's "tiny" tower sizes (embed_dim 64 = 2 x 32); 6 train steps of 16 pairs; evaluation on the
-tiny generated test split. Every section is the stage's defaults with these overrides, so an unknown key is still an
+tiny generated test split; two few-shot sets (2 shots, 1 epoch) for prompt learning. Every section is the stage's defaults with these overrides, so an unknown key is still an
 error and a new params field gets its default here too.
 """
 from __future__ import annotations
@@ -82,6 +82,20 @@ def tiny_params(root: str | os.PathLike = "", text_model: str = "minilm") -> dic
                          msrvtt_max_captions=20, video_frames=4, examples=2),
         "flow": dict(deployment_name="campe-tiny", cron="0 3 * * *", timezone="UTC", generate=True,
                      generated_dir=gen),
+        "fewshot_data": dict(seed=3, image_size=32, train_per_class=2, val_per_class=1, test_per_class=2,
+                             datasets=["FinePolygons", "Counts"]),
+        "pretrain_clip": dict(seed=0, pairs=48, image_size=32, patch_size=8, width=32, vision_layers=1, text_layers=1,
+                              heads=2, embed_dim=32, context_length=32, vocab_size=200, epochs=1, batch_size=16,
+                              lr=0.002, weight_decay=0.05, warmup_steps=1, threads=1, prompt="a photo of a {}."),
+        # the defaults (campe/attriprompt/config.py) but for the sets above, 2 shots, 1 epoch, a small pool
+        "prompt_learn": dict(clip_path=p("data/models/clip"), data_root=p("data/fewshot"), protocol="base2new",
+                             datasets=["FinePolygons", "Counts"], source="FinePolygons", xd_targets=["Counts"],
+                             dg_targets=[], methods=["zsclip", "coop", "attriprompt"], seeds=[1], shots=2,
+                             out_dir=p("models/prompt_learning"), metrics_dir=p("metrics/prompt_learning"),
+                             fewshot_dir=p("data/prompt_learning/split_fewshot"), epochs=1, batch_size=4,
+                             augment=False, test_batch_size=50, clusters=2, kmeans_iters=2, pool_size=4,
+                             pool_tokens=1, top_n=2, static_ctx=1, tracking_uri=tracking,
+                             experiment="campe-prompt-learning", artifact_root=p("mlartifacts")),
     }
 
 

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 METHOD_NAMES = ("zsclip", "coop", "cocoop", "ivlp", "promptsrc", "attriprompt")
 PROTOCOLS = ("base2new", "cross")
+# the generated sets (campe.data.synth_fewshot.DATASETS; README "The embedded AttriPrompt benchmark"): base-to-novel
+# sets, SynthNet first (the cross-dataset source), and SynthNet's shifted test sets for domain generalisation
+B2N_SETS = ("SynthNet", "Textures", "Layouts", "Counts", "Scenes", "FinePolygons", "FineColours")
+DG_SETS = ("SynthNetSketch", "SynthNetV2", "SynthNetA", "SynthNetR")
 
 # CoOp's IMAGENET_TEMPLATES_SELECT plus its default "a photo of a {}." (the zero-shot ensemble and SR targets)
 TEMPLATES = ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
@@ -21,13 +25,13 @@ TEMPLATES = ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a o
 @dataclass
 class PromptLearnParams:
     """params.yaml section `prompt_learn` (campe prompt-learn train|eval)."""
-    clip_path: str = "data/clip"  # a folder CLIPModel.from_pretrained loads (+ tokenizer, image processor)
-    data_root: str = "data/fewshot"  # CoOp layout: <data_root>/<dataset dir>/split_zhou_<Name>.json + images
+    clip_path: str = "data/models/clip"  # pretrain_clip's output, or any folder CLIPModel.from_pretrained loads
+    data_root: str = "data/fewshot"  # fewshot_data's output; CoOp layout: <data_root>/<dir>/split_zhou_<Name>.json
     protocol: str = "base2new"  # base2new | cross (train a source on all classes; cross-dataset + DG targets)
-    datasets: list[str] = field(default_factory=lambda: ["SynthNet"])  # base2new: each one in turn
+    datasets: list[str] = field(default_factory=lambda: list(B2N_SETS))  # base2new: each one in turn
     source: str = "SynthNet"  # cross: the source dataset
-    xd_targets: list[str] = field(default_factory=list)  # cross: other datasets, evaluated zero-shot (all classes)
-    dg_targets: list[str] = field(default_factory=list)  # cross: shifted test sets of the source's classes
+    xd_targets: list[str] = field(default_factory=lambda: list(B2N_SETS[1:]))  # cross: other sets (all classes)
+    dg_targets: list[str] = field(default_factory=lambda: list(DG_SETS))  # cross: the source's shifted test sets
     methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     shots: int = 16  # per class per seed (val: min(shots, 4))

@@ -29,6 +29,13 @@ POSITIONS = {
 COUNT_WORDS = {1: "one shape", 2: "two shapes", 3: "three shapes"}
 PREFIXES = ["", "a photo of ", "an image of ", "a picture showing "]
 ASPECTS = ("subject", "position", "secondary", "relation", "background", "count", "motion")
+# Only the few-shot sets and the CLIP pretraining captions (campe/data/synth_fewshot.py) draw these: the benchmark
+# above samples from SHAPES and COLOURS alone, so its scenes are unchanged.
+EXTRA_SHAPES = ["pentagon", "octagon", "diamond"]
+EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
+    "pink": (240, 130, 190), "brown": (130, 80, 35), "cyan": (40, 200, 215), "grey": (128, 128, 128),
+}
+ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
 
 
 # ----------------------------------------------------------------------------------------------------------- scenes
@@ -96,6 +103,12 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
         return ring(3, [r * 1.25], -math.pi / 2)
     if shape == "hexagon":
         return ring(6, [r * 1.1], 0.0)
+    if shape == "pentagon":
+        return ring(5, [r * 1.15], -math.pi / 2)
+    if shape == "octagon":
+        return ring(8, [r * 1.05], math.pi / 8)
+    if shape == "diamond":
+        return ring(4, [r * 1.3, r * 0.8], -math.pi / 2)
     if shape == "star":
         return ring(10, [r * 1.3, r * 0.55], -math.pi / 2)
     if shape == "cross":
@@ -106,13 +119,20 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def draw_object(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float,
-                 angle: float = 0.0) -> None:
-    fill = COLOURS[colour]
+def draw_object(draw: ImageDraw.ImageDraw, shape: str, colour: str | tuple[int, int, int], cx: float, cy: float,
+                r: float, angle: float = 0.0, outline: int = 0, edge: tuple[int, int, int] | None = None) -> None:
+    """Fill a shape with `colour` (a name or RGB); outline > 0: draw only its outline, `outline` pixels wide, in
+    that colour; edge: a border of that colour around the filled shape."""
+    rgb = ALL_COLOURS[colour] if isinstance(colour, str) else colour
+    fill, line, width = (None, rgb, outline) if outline else (rgb, edge, max(1, int(r * 0.15)) if edge else 0)
     if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=line, width=width)
     else:
-        draw.polygon(_shape_points(shape, cx, cy, r, angle), fill=fill)
+        pts = _shape_points(shape, cx, cy, r, angle)
+        if width:  # PIL's polygon outline width is drawn inwards only on closed polygons of >= 3 points
+            draw.polygon(pts, fill=fill, outline=line, width=width)
+        else:
+            draw.polygon(pts, fill=fill)
 
 
 def _shade(rgb: tuple[int, int, int], f: float) -> tuple[int, int, int]:
@@ -123,10 +143,10 @@ def _shade(rgb: tuple[int, int, int], f: float) -> tuple[int, int, int]:
 
 
 def render_background(bg: dict[str, Any], side: int) -> Image.Image:
-    c1 = COLOURS[bg["colours"][0]]
+    c1 = ALL_COLOURS[bg["colours"][0]]
     kind = bg["kind"]
     if kind == "gradient":
-        c2 = np.array(COLOURS[bg["colours"][1]], dtype=np.float32)
+        c2 = np.array(ALL_COLOURS[bg["colours"][1]], dtype=np.float32)
         t = np.linspace(0.0, 1.0, side, dtype=np.float32)[None, :, None]
         arr = (np.array(c1, dtype=np.float32) * (1 - t) + c2 * t).repeat(side, axis=0)
         return Image.fromarray(arr.astype(np.uint8), "RGB")
@@ -156,11 +176,17 @@ def render_scene(scene: dict[str, Any], size: int, supersample: int = 4) -> Imag
     img = render_background(scene["background"], side)
     d = ImageDraw.Draw(img)
     for o in scene["objects"]:
-        # Cell centres at 0.2/0.5/0.8 of the side keep large shapes inside the frame.
-        cx = (0.2 + 0.3 * o["cell"][0]) * side
-        cy = (0.2 + 0.3 * o["cell"][1]) * side
-        draw_object(d, o["shape"], o["colour"], cx, cy, SIZES[o["size"]] * side, o.get("angle", 0.0))
+        draw_object(d, o["shape"], o["colour"], *object_box(o, side), o.get("angle", 0.0))
     return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def object_box(o: dict[str, Any], side: int) -> tuple[float, float, float]:
+    """Centre x, y and radius in pixels of object `o` on a `side`-pixel canvas. Cell centres at 0.2/0.5/0.8 of the
+    side keep large shapes inside the frame; optional jitter (dx, dy: fractions of the side; scale) moves them a
+    little within their cell (the few-shot sets and the pretraining data use it; the benchmark does not)."""
+    cx = (0.2 + 0.3 * o["cell"][0] + o.get("dx", 0.0)) * side
+    cy = (0.2 + 0.3 * o["cell"][1] + o.get("dy", 0.0)) * side
+    return cx, cy, SIZES[o["size"]] * o.get("scale", 1.0) * side
 
 
 # -------------------------------------------------------------------------------------------------------- captions
