@@ -34,7 +34,8 @@ def run_stage(params: PretrainClipParams, fewshot: str, out: str, metrics: str, 
                                 f"(campe fewshot_data --out {fewshot})")
     with output_lock(out, "campe pretrain_clip"):
         summary = pretrain_clip(params, fewshot, out, progress)
-    keep = ("pairs", "skipped_as_fewshot", "steps", "loss_first", "loss_last", "parameters", "zero_shot", "seconds")
+    # no timings: the metrics file is hashed into dvc.lock (two clones must agree); the command prints them
+    keep = ("pairs", "skipped_as_fewshot", "steps", "loss_first", "loss_last", "parameters", "zero_shot")
     atomic_write_json(metrics, {k: summary[k] for k in keep})
     return summary
 
