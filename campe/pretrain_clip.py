@@ -228,7 +228,8 @@ def zero_shot(model, tokenizer, folder: str | Path, prompt: str, batch: int = 51
 def pretrain_clip(p: PretrainClipParams, fewshot_root: str | Path, out_dir: str | Path,
                   progress: bool = False) -> dict[str, Any]:
     """Generate the pairs (skipping few-shot images), train the tokenizer and the model, evaluate zero-shot on every
-    set under `fewshot_root`, and write the three save_pretrained parts + metrics.json into `out_dir` atomically."""
+    set under `fewshot_root`, and write the three save_pretrained parts + metrics.json (no timings) into `out_dir` atomically. Returns the
+    metrics with the timings ("seconds")."""
     from campe.data.synth_fewshot import fewshot_pixel_hashes
     from campe.data.synth_pretrain import pretrain_pairs
 
@@ -258,7 +259,8 @@ def pretrain_clip(p: PretrainClipParams, fewshot_root: str | Path, out_dir: str 
                "seconds": {"data": round(t_data, 1), "train": round(t_train, 1),
                            "total": round(time.perf_counter() - t0, 1),
                            "cpu_until_trained": round(c_train, 1), "cpu_total": round(time.process_time() - c0, 1)}}
-    _save(model, tokenizer, image_processor(p), summary, Path(out_dir))
+    # Timings are records of the run, not of the model: they go to the caller, not into the (DVC-hashed) folder.
+    _save(model, tokenizer, image_processor(p), {k: v for k, v in summary.items() if k != "seconds"}, Path(out_dir))
     return summary
 
 

@@ -34,7 +34,8 @@ def run_stage(params: PretrainClipParams, fewshot: str, out: str, metrics: str, 
                                 f"(campe fewshot_data --out {fewshot})")
     with output_lock(out, "campe pretrain_clip"):
         summary = pretrain_clip(params, fewshot, out, progress)
-    keep = ("pairs", "skipped_as_fewshot", "steps", "loss_first", "loss_last", "parameters", "zero_shot", "seconds")
+    # no timings: the metrics file is hashed into dvc.lock (two clones must agree); the command prints them
+    keep = ("pairs", "skipped_as_fewshot", "steps", "loss_first", "loss_last", "parameters", "zero_shot")
     # `dvc metrics show` prints the headline (each set's zero-shot top-1 over all its classes, the final loss); the
     # full file beside it keeps base/novel/HM and the counts.
     head = {f"zero_shot_top1/{name}": z["accuracy"] for name, z in summary["zero_shot"].items()}
