@@ -36,12 +36,11 @@ def run_stage(params: PretrainClipParams, fewshot: str, out: str, metrics: str, 
         summary = pretrain_clip(params, fewshot, out, progress)
     # no timings: the metrics file is hashed into dvc.lock (two clones must agree); the command prints them
     keep = ("pairs", "skipped_as_fewshot", "steps", "loss_first", "loss_last", "parameters", "zero_shot")
-    # `dvc metrics show` prints the headline, three columns in its one wide table: the final loss and the zero-shot
-    # top-1 over all classes, averaged over the sets, beside chance averaged alike; the full file beside it keeps
-    # every set's figures (all classes, base, novel, HM) and the counts.
+    # `dvc metrics show` prints the headline, two columns in its one wide table: the zero-shot top-1 over all
+    # classes, averaged over the sets, beside chance averaged alike; the full file beside it keeps every set's
+    # figures (all classes, base, novel, HM), the loss and the counts.
     zs = list(summary["zero_shot"].values())
-    head = {"loss_last": summary["loss_last"],
-            "zero_shot_top1_mean": sum(z["accuracy"] for z in zs) / max(1, len(zs)),
+    head = {"zero_shot_top1_mean": sum(z["accuracy"] for z in zs) / max(1, len(zs)),
             "chance_top1_mean": sum(z["chance"] for z in zs) / max(1, len(zs))}
     write_metrics(metrics, {k: summary[k] for k in keep}, head)
     return summary
