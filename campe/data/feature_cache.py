@@ -119,6 +119,10 @@ class FeatureStore:
         except Exception as e:  # pyarrow raises OSError / ArrowInvalid for a truncated or corrupt file
             raise FeatureCacheError(f"feature shard {path} is corrupt ({type(e).__name__}: {e}); delete it and "
                                     f"build again (the other shards are kept)") from None
+        self._append(keys, feats)
+
+    def _append(self, keys: Sequence[str], feats: torch.Tensor) -> None:
+        """Index one shard's rows (fp16 [n,P,C]) after those held; a key already held keeps its first row."""
         base = sum(len(c) for c in self.chunks)
         for i, k in enumerate(keys):
             self.index.setdefault(k, base + i)
@@ -159,12 +163,7 @@ class FeatureStore:
         pq.write_table(table, buf, compression="none", write_page_checksum=True)
         with atomic_file(path) as f:
             f.write(buf.getvalue())
-        base = sum(len(c) for c in self.chunks)
-        for i, k in enumerate(keys):
-            self.index.setdefault(k, base + i)
-        self.chunks.append(f16)
-        self._flat = None
-        self.shards += 1
+        self._append(keys, f16)
         return path
 
     def lookup(self, keys: Sequence[str]) -> torch.Tensor:
