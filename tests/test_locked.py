@@ -125,6 +125,12 @@ def test_locked_step_trains_the_head_only_and_never_runs_the_backbone(tmp_path):
     saved = torch.load(tmp_path / "run" / FINAL, weights_only=True)["model"]
     assert not any(k.startswith("visual.") and k.split(".")[1] not in ("in_proj", "pos_embed", "ln", "pool", "proj")
                    for k in saved)  # the checkpoint holds the head only
+    # model_config.json records the tower: rebuilt from it, it is the locked one with the run's initial head
+    from campe.model import build_model_from_config, load_config
+    again, resolved = build_model_from_config(load_config(tmp_path / "run" / "model_config.json"))
+    assert resolved["image_tower"] == "locked" and isinstance(again.visual, LockedImageTower)
+    assert again.visual.state_dict().keys() == head.keys()
+    assert all(torch.equal(again.visual.state_dict()[k], head[k]) for k in head)
 
 
 def test_locked_run_resumes_bit_for_bit(tmp_path):
