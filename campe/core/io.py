@@ -1,5 +1,5 @@
-"""Small I/O helpers: atomic writes of files and folders (a killed run never leaves a half-written one behind) and the lock of an output
-folder (two runs never write into one folder at once)."""
+"""Small I/O helpers: atomic writes of files and folders (a killed run never leaves a half-written one behind) and
+the lock of an output folder (two runs never write into one folder at once)."""
 from __future__ import annotations
 
 import contextlib
