@@ -14,7 +14,6 @@ line is a JSON object with the headline figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench._timing import alternate, clip_step, random_captions  # noqa: E402
+from bench._timing import alternate, bench_args, clip_step, print_rows, random_captions  # noqa: E402
 from campe.core.losses import CampeObjective  # noqa: E402
 from campe.locked import build_feature_cache  # noqa: E402
 from campe.model import CONFIGS  # noqa: E402
@@ -37,12 +36,7 @@ from campe.train.run_config import resolve_run_config  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="default", choices=list(CONFIGS))
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bench_args(ap, repeats=5)
     g = torch.Generator().manual_seed(0)
     B = args.batch
     rows, headline, steps = [], {}, {}
@@ -77,12 +71,8 @@ def main() -> int:
         headline[f"train_step_{tower}_ms"] = round(t_step * 1e3, 1)
     headline["speedup_locked"] = round(headline["train_step_scratch_ms"] / headline["train_step_locked_ms"], 2)
     headline.update(config=args.config, batch=B, threads=torch.get_num_threads())
-    w = max(len(r[0]) for r in rows)
-    print(f"campe locked-vs-scratch step bench: config={args.config} batch={B} threads={torch.get_num_threads()}")
-    print(f"{'what':<{w}}  {'time':>10}  rate")
-    for name, t, rate in rows:
-        print(f"{name:<{w}}  {t:>10}  {rate}")
-    print(json.dumps(headline))
+    print_rows(f"campe locked-vs-scratch step bench: config={args.config} batch={B} threads={torch.get_num_threads()}",
+               rows, headline)
     return 0
 
 

@@ -12,7 +12,6 @@ figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,19 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench._timing import alternate, clip_step, fastest, random_captions  # noqa: E402
+from bench._timing import alternate, bench_args, clip_step, fastest, print_rows, random_captions  # noqa: E402
 from campe.core.losses import CampeObjective  # noqa: E402
 from campe.model import build_model  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="default")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bench_args(ap, repeats=3)
     g = torch.Generator().manual_seed(0)
     rows, headline, steps = [], {}, {}
     for kind in ("softmax", "sigmoid"):
@@ -66,13 +60,8 @@ def main() -> int:
                      f"{args.batch / t_step:.0f} pairs/s"))
         headline[f"train_step_{kind}_ms"] = round(t_step * 1e3, 1)
     headline.update(config=args.config, batch=args.batch, threads=torch.get_num_threads())
-
-    w = max(len(r[0]) for r in rows)
-    print(f"campe model bench: config={args.config} batch={args.batch} threads={torch.get_num_threads()}")
-    print(f"{'what':<{w}}  {'time':>12}  rate")
-    for name, t, rate in rows:
-        print(f"{name:<{w}}  {t:>12}  {rate}")
-    print(json.dumps(headline))
+    print_rows(f"campe model bench: config={args.config} batch={args.batch} threads={torch.get_num_threads()}",
+               rows, headline, time_width=12)
     return 0
 
 
