@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from bench._timing import alternate, bench_args  # noqa: E402
 from campe.text.cached_tower import CachedTextTower  # noqa: E402
 from campe.text.diagnostics import fidelity_captions  # noqa: E402
 from campe.text.multiprompt import MultiPromptConfig, build_text_encoder  # noqa: E402
@@ -48,23 +48,12 @@ def measure(tower: CachedTextTower, batch: dict, repeats: int) -> tuple[float, f
     n = batch["layout"].input_ids.shape[0]
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         step(tower, batch)
-    step(tower, batch)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step(tower, batch)
-        times.append(time.perf_counter() - t0)
+    times = alternate({"step": lambda: step(tower, batch)}, repeats)["step"]  # after one warm-up
     return fc.get_total_flops() / n, statistics.median(times)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bench_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), repeats=5)
     captions = fidelity_captions(args.batch)
     rows = {}
     for name, entry, online in (("first_trainable_cached", "first_trainable", False),

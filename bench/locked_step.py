@@ -14,7 +14,6 @@ line is a JSON object with the headline figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,36 +25,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from campe.core.losses import CampeObjective, total_loss  # noqa: E402
+from bench._timing import alternate, bench_args, clip_step, print_rows, random_captions  # noqa: E402
+from campe.core.losses import CampeObjective  # noqa: E402
 from campe.locked import build_feature_cache  # noqa: E402
 from campe.model import CONFIGS  # noqa: E402
 from campe.train.checkpoint import build_run_model  # noqa: E402
 from campe.train.optim import make_optimizer  # noqa: E402
 from campe.train.run_config import resolve_run_config  # noqa: E402
 
-WORDS = "a red blue green small large circle square triangle on the near beside with two three striped".split()
-
-
-def make_step(model, objective, images, tokens, tp):
-    opt = make_optimizer(model, tp)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        total_loss(objective(model(images=images, text=tokens))).backward()
-        opt.step()
-        model.clamp_logit_scale_()
-    return step
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="default", choices=list(CONFIGS))
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bench_args(ap, repeats=5)
     g = torch.Generator().manual_seed(0)
     B = args.batch
     rows, headline, steps = [], {}, {}
@@ -66,8 +47,7 @@ def main() -> int:
             model, _, _ = build_run_model(cfg)
             s = cfg.model.image_size
             images = (torch.rand(B, 3, s, s, generator=g) * 255).to(torch.uint8)
-            captions = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (10,), generator=g))
-                        for _ in range(B)]
+            captions = random_captions(B, g)
             if tower == "locked":
                 t = time.perf_counter()
                 store = build_feature_cache(os.path.join(tmp, "feat"), model.visual, images=images, progress=False)
@@ -80,15 +60,10 @@ def main() -> int:
             n_img = sum(p.numel() for p in model.visual.parameters() if p.requires_grad)
             rows.append((f"trainable image-side parameters ({tower})", f"{n_img / 1e6:.2f} M", ""))
             headline[f"{tower}_image_params_M"] = round(n_img / 1e6, 3)
-            steps[tower] = make_step(model, CampeObjective("softmax"), images, model.text.tokenize(captions),
-                                     cfg.train)
+            steps[tower] = clip_step(model, CampeObjective("softmax"), images, model.text.tokenize(captions),
+                                     make_optimizer(model, cfg.train))
             steps[tower]()  # warm-up
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(args.repeats):
-            for tower, step in steps.items():
-                t = time.perf_counter()
-                step()
-                times[tower].append(time.perf_counter() - t)
+        times = alternate(steps, args.repeats, warmup=False)
         assert model.visual.backbone.calls == calls, "a locked step ran the backbone"
     for tower, ts in times.items():
         t_step = min(ts)
@@ -96,12 +71,8 @@ def main() -> int:
         headline[f"train_step_{tower}_ms"] = round(t_step * 1e3, 1)
     headline["speedup_locked"] = round(headline["train_step_scratch_ms"] / headline["train_step_locked_ms"], 2)
     headline.update(config=args.config, batch=B, threads=torch.get_num_threads())
-    w = max(len(r[0]) for r in rows)
-    print(f"campe locked-vs-scratch step bench: config={args.config} batch={B} threads={torch.get_num_threads()}")
-    print(f"{'what':<{w}}  {'time':>10}  rate")
-    for name, t, rate in rows:
-        print(f"{name:<{w}}  {t:>10}  {rate}")
-    print(json.dumps(headline))
+    print_rows(f"campe locked-vs-scratch step bench: config={args.config} batch={B} threads={torch.get_num_threads()}",
+               rows, headline)
     return 0
 
 

@@ -12,10 +12,8 @@ figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,89 +21,47 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from campe.core.losses import CampeObjective, total_loss  # noqa: E402
+from bench._timing import alternate, bench_args, clip_step, fastest, print_rows, random_captions  # noqa: E402
+from campe.core.losses import CampeObjective  # noqa: E402
 from campe.model import build_model  # noqa: E402
-
-WORDS = "a red blue green small large circle square triangle on the near beside with two three striped".split()
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)  # the fastest run: the least disturbed by other processes on a shared machine
-
-
-def make_step(model, objective, images, tokens):
-    """One training step: forward both towers, the objective, backward, AdamW, logit-scale clamp."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        total_loss(objective(model(images=images, text=tokens))).backward()
-        opt.step()
-        model.clamp_logit_scale_()
-    return step
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="default")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bench_args(ap, repeats=3)
     g = torch.Generator().manual_seed(0)
     rows, headline, steps = [], {}, {}
     for kind in ("softmax", "sigmoid"):
         model, cfg = build_model(args.config, contrastive=kind)
         B, s = args.batch, cfg["image_size"]
         images = torch.rand(B, 3, s, s, generator=g)
-        captions = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (10,), generator=g))
-                    for _ in range(B)]
-        steps[kind] = make_step(model, CampeObjective(kind), images, model.text.tokenize(captions))
+        captions = random_captions(B, g)
+        steps[kind] = clip_step(model, CampeObjective(kind), images, model.text.tokenize(captions),
+                                torch.optim.AdamW(model.parameters(), lr=1e-4))
         if kind == "softmax":
             n_vis = sum(p.numel() for p in model.visual.parameters())
             n_txt = sum(p.numel() for p in model.text.parameters())
             rows.append(("parameters (vision / text)", f"{n_vis / 1e6:.2f} M / {n_txt / 1e6:.2f} M", ""))
             model.eval()
             with torch.no_grad():
-                t_img = timed(lambda: model.encode_image(images), args.repeats)
+                t_img = fastest(lambda: model.encode_image(images), args.repeats)
                 clips = torch.rand(max(1, B // cfg["frames"]), cfg["frames"], 3, s, s, generator=g)
-                t_vid = timed(lambda: model.encode_video(clips), args.repeats)
+                t_vid = fastest(lambda: model.encode_video(clips), args.repeats)
             model.train()
             rows.append((f"image encode, batch {B}", f"{t_img * 1e3:.1f} ms", f"{B / t_img:.0f} images/s"))
             rows.append((f"video encode, {clips.shape[0]} clips x {cfg['frames']} frames", f"{t_vid * 1e3:.1f} ms",
                          f"{clips.shape[0] / t_vid:.1f} clips/s"))
             headline.update(images_per_s=round(B / t_img, 1), clips_per_s=round(clips.shape[0] / t_vid, 2),
                             vision_params_M=round(n_vis / 1e6, 3), text_params_M=round(n_txt / 1e6, 3))
-    # The two objectives' steps alternate, so a burst of load from another process hits both alike.
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for step in steps.values():
-        step()  # warm-up
-    for _ in range(args.repeats):
-        for kind, step in steps.items():
-            t = time.perf_counter()
-            step()
-            times[kind].append(time.perf_counter() - t)
+    times = alternate(steps, args.repeats)  # the two objectives' steps alternate
     for kind, ts in times.items():
         t_step = min(ts)
         rows.append((f"train step ({kind}), batch {args.batch}", f"{t_step * 1e3:.0f} ms",
                      f"{args.batch / t_step:.0f} pairs/s"))
         headline[f"train_step_{kind}_ms"] = round(t_step * 1e3, 1)
     headline.update(config=args.config, batch=args.batch, threads=torch.get_num_threads())
-
-    w = max(len(r[0]) for r in rows)
-    print(f"campe model bench: config={args.config} batch={args.batch} threads={torch.get_num_threads()}")
-    print(f"{'what':<{w}}  {'time':>12}  rate")
-    for name, t, rate in rows:
-        print(f"{name:<{w}}  {t:>12}  {rate}")
-    print(json.dumps(headline))
+    print_rows(f"campe model bench: config={args.config} batch={args.batch} threads={torch.get_num_threads()}",
+               rows, headline, time_width=12)
     return 0
 
 

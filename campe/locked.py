@@ -18,8 +18,9 @@ state_dict() (its BatchNorm statistics come from the wheel, never from a run) an
 moves it along.
 
 Trainable head (tokens [B,P,C] -> [B,D]): Linear C -> width, + learned position per grid cell, LayerNorm, the
-ViT's attention pool (campe.towers.AttentionPool), bias-free projection width -> D (as the ViT's, so video = mean of
-frame features then projection). forward_patches pools each grid cell alone (the per-APT maps are 4x4).
+ViT's attention pool (campe.towers.AttentionPool), bias-free projection width -> D (as the ViT's); the entry points
+are the ViT's own (campe.towers.ImageTowerHeads), so video is pooled over frames as model.video_pool says and
+forward_patches pools each grid cell alone (the per-APT maps are 4x4).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from campe.data.feature_cache import FEATURE_FORMAT, FeatureStore, image_keys
-from campe.towers import AttentionPool, VisionConfig, _init_weights
+from campe.towers import AttentionPool, ImageTowerHeads, VisionConfig, _init_weights
 
 BACKBONE = "efficientnet-lite0"
 INPUT_SIZE = 128  # px the backbone sees (4x4 feature grid)
@@ -110,16 +111,14 @@ def feature_manifest(image_size: int) -> dict:
             "image_size": image_size}
 
 
-class LockedImageTower(nn.Module):
+class LockedImageTower(ImageTowerHeads, nn.Module):
     """Frozen backbone features -> trainable pool + projections -> [B,D]; the same entry points as
-    campe.towers.VisionTransformer (forward, forward_features, forward_patches, forward_video, cfg.image_size)."""
+    campe.towers.VisionTransformer (forward, forward_features, forward_patches, forward_video: ImageTowerHeads over
+    forward_tokens; cfg.image_size)."""
 
     def __init__(self, cfg: VisionConfig, embed_dim: int | None = None):
         super().__init__()
         embed_dim = embed_dim if embed_dim is not None else cfg.embed_dim
-        if cfg.video_pool != "mean":
-            raise ValueError(f"train.image_tower 'locked' supports model.video_pool 'mean' only, got "
-                             f"'{cfg.video_pool}'")
         self.cfg = cfg
         self.grid = INPUT_SIZE // STRIDE
         self.num_patches = self.grid * self.grid
@@ -128,8 +127,10 @@ class LockedImageTower(nn.Module):
         self.ln = nn.LayerNorm(cfg.width)
         self.pool = AttentionPool(cfg.width, cfg.heads, cfg.mlp_ratio)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        self._build_video_pool()  # video_pool 'attn': the ViT's temporal pool (campe.towers.ImageTowerHeads)
         _init_weights(self)
         nn.init.normal_(self.pos_embed, std=cfg.width ** -0.5)
+        self._init_video_pool()
         self._backbone: list[LockedBackbone] = []  # a list: outside the module tree (see the module docstring)
         self.store: FeatureStore | None = None
         self.strict = False
@@ -168,25 +169,9 @@ class LockedImageTower(nn.Module):
         """[B,P,C] -> [B,P,width] (projected, positioned, normalised)."""
         return self.ln(self.in_proj(feats.to(self.in_proj.weight.dtype)) + self.pos_embed)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] -> pooled [B,width] (before the projection)."""
-        return self.pool(self.tokens(self.features(images)))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.forward_features(images))
-
-    def forward_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] -> [B,P,D]: each grid cell pooled alone, then projected (the ViT's per-patch convention)."""
-        t = self.tokens(self.features(images))
-        B, P, C = t.shape
-        return self.proj(self.pool(t.reshape(B * P, 1, C))).view(B, P, -1)
-
-    def forward_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """[B,T,3,H,W] -> [B,D]: frame features averaged over T, then projected."""
-        if frames.ndim != 5:
-            raise ValueError(f"frames must be [B,T,3,H,W], got {list(frames.shape)}")
-        B, T = frames.shape[:2]
-        return self.proj(self.forward_features(frames.flatten(0, 1)).view(B, T, -1).mean(1))
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] -> [B,P,width]: the frozen tokens (cache or backbone) through the trainable input layers."""
+        return self.tokens(self.features(images))
 
 
 # ---------------------------------------------------------------------------------------------------- the cache

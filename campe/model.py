@@ -46,6 +46,7 @@ from campe.towers import TextConfig, VanillaTextTransformer, VisionConfig, Visio
 
 
 VIDEO_POOLS = ("mean", "attn")
+IMAGE_TOWERS = ("scratch", "locked")  # the ViT trained from scratch | LiT: frozen pretrained backbone (campe.locked)
 CONTRASTIVE = ("softmax", "sigmoid")
 TEXT_TOWERS = ("vanilla", "multiprompt", "external")
 TEXT_ALIASES = {"embedding": "text", "neg_embedding": "negated", "neg_segments": "negated_segments"}
@@ -234,13 +235,17 @@ def resolve_config(name: str, **overrides: Any) -> ModelConfig:
 
 
 def build_model(name: str = "default", text_tower: nn.Module | None = None, tokenizer: Any = None,
-                **overrides: Any) -> tuple[CLIPModel, dict[str, Any]]:
+                image_tower: str = "scratch", **overrides: Any) -> tuple[CLIPModel, dict[str, Any]]:
     """Build a CLIPModel from named config `name` plus `overrides` (ModelConfig fields).
 
     text_tower=None builds the vanilla CLIP text tower (tokenizer: `tokenizer` or cfg.text_tokenizer); otherwise
-    the given tower (the multi-prompt LM tower) is used as is. Returns (model, resolved config dict): ModelConfig
-    fields plus "name" (and "text_tower_config" for a passed tower with a dataclass cfg). Save it with save_config.
+    the given tower (the multi-prompt LM tower) is used as is. image_tower: "scratch" (the ViT) or "locked"
+    (campe.locked.LockedImageTower: frozen pretrained backbone + trainable head). Returns (model, resolved config
+    dict): ModelConfig fields plus "name", "image_tower" (and "text_tower_config" for a passed tower with a
+    dataclass cfg). Save it with save_config.
     """
+    if image_tower not in IMAGE_TOWERS:
+        raise ValueError(f"image_tower '{image_tower}' is not one of: {', '.join(IMAGE_TOWERS)}")
     if text_tower is not None and not isinstance(text_tower, nn.Module):
         raise ValueError(f"text_tower must be an nn.Module (the tower itself), got {text_tower!r}; the config field "
                          f"naming the kind of text tower is text_tower_kind")
@@ -274,15 +279,22 @@ def build_model(name: str = "default", text_tower: nn.Module | None = None, toke
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             text_tower = VanillaTextTransformer(cfg.text_config(cfg.vocab_size, pad), cfg.embed_dim, tokenizer)
         model = CLIPModel(vision, text_tower, cfg)
-    return model, {"name": name, **dataclasses.asdict(cfg), **extra}
+    if image_tower == "locked":  # built after the ViT, so the text tower's initialisation is the same either way
+        from campe.locked import LockedImageTower
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            model.visual = LockedImageTower(cfg.vision_config(), embed_dim=cfg.embed_dim)
+    return model, {"name": name, "image_tower": image_tower, **dataclasses.asdict(cfg), **extra}
 
 
 def config_from_dict(resolved: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A resolved config dict (build_model / load_config) -> (name, ModelConfig field overrides). A config saved
-    before the rename names the text tower's kind `text_encoder`: it is read as text_tower_kind (the two must agree)."""
+    """A resolved config dict (build_model / load_config) -> (name, build_model keyword arguments: ModelConfig
+    fields and image_tower). A config saved before the rename names the text tower's kind `text_encoder`: it is read
+    as text_tower_kind (the two must agree); one saved before image_tower was recorded is a scratch ViT."""
     d = dict(resolved)
     name = d.pop("name", "default")
     d.pop("text_tower_config", None)  # the passed tower's own config (its embed_dim, if an old one has it, is D)
+    d.setdefault("image_tower", "scratch")
     for old, new in ModelConfig.RENAMED_KEYS.items():
         if old in d:
             value = d.pop(old)

@@ -19,9 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from campe.core.io import atomic_write_json
+from campe.core.io import atomic_dir, atomic_write_json
 from campe.core.losses import ClipLoss
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"  # ids 0, 1, 2, 3
@@ -265,23 +262,8 @@ def pretrain_clip(p: PretrainClipParams, fewshot_root: str | Path, out_dir: str 
 
 
 def _save(model, tokenizer, processor, summary: dict[str, Any], out: Path) -> None:
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.parent.glob(f".{out.name}.tmp-*")) + list(out.parent.glob(f".{out.name}.old-*")):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (the caller holds the folder's lock)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # the caller holds the folder's lock
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         atomic_write_json(tmp / "metrics.json", summary)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

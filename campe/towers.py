@@ -124,53 +124,28 @@ def _init_weights(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------------- vision
 
-class VisionTransformer(nn.Module):
-    """ViT: conv patch embedding + learned positions, pre-norm blocks, final LN, attention pool, projection to D.
+class ImageTowerHeads:
+    """The entry points every image tower shares (a mixin for nn.Module subclasses): given the tower's own
+    forward_tokens(images [B,3,H,W]) -> tokens [B,P,width], and its `pool` (AttentionPool), bias-free `proj`
+    (width -> D) and `cfg` (VisionConfig), it supplies forward_features, forward, forward_patches and forward_video
+    (the frames pooled as cfg.video_pool says). _build_video_pool / _init_video_pool add the temporal pool."""
 
-    forward(images [B,3,H,W]) -> [B,D] (unnormalised); the other entry points are below.
-    """
-
-    def __init__(self, cfg: VisionConfig, embed_dim: int):
-        super().__init__()
-        self.cfg = cfg
-        self.embed_dim = embed_dim  # D
-        self.grid = cfg.image_size // cfg.patch_size
-        self.num_patches = self.grid * self.grid
-        self.conv = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(self.num_patches, cfg.width))
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
-        self.ln_post = nn.LayerNorm(cfg.width)
-        self.pool = AttentionPool(cfg.width, cfg.heads, cfg.mlp_ratio)
-        # No bias: projection commutes with the temporal mean (video = projection of the mean frame feature).
-        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
-        if cfg.video_pool == "attn":
-            self.temporal_pos = nn.Parameter(torch.zeros(cfg.frames, cfg.width))
-            self.temporal_pool = AttentionPool(cfg.width, cfg.heads, cfg.mlp_ratio)
-        # Not persistent: derived from the config, so checkpoints hold learned weights only.
-        self.register_buffer("mean", torch.tensor(cfg.image_mean), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.image_std), persistent=False)
-        _init_weights(self)
-        nn.init.normal_(self.pos_embed, std=cfg.width ** -0.5)
-        if cfg.video_pool == "attn":
-            nn.init.normal_(self.temporal_pos, std=cfg.width ** -0.5)
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] uint8 in [0,255] or float in [0,1] -> normalised float [B,3,H,W]."""
-        s = self.cfg.image_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise ValueError(f"images must be [B,3,{s},{s}] (image_size={s}), got {list(images.shape)}; "
-                             f"resize the inputs or build the model with image_size={images.shape[-1]}")
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        images = images.to(self.conv.weight.dtype)
-        return (images - self.mean) / self.std
+    cfg: VisionConfig
+    pool: AttentionPool
+    proj: nn.Linear
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] -> patch tokens after the final LN [B,P,width] (P = (H/patch)^2, row-major)."""
-        x = self.conv(self.preprocess(images)).flatten(2).transpose(1, 2) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_post(x)
+        raise NotImplementedError
+
+    def _build_video_pool(self) -> None:
+        """video_pool 'attn': learned temporal positions + an attention pool over the frames' features."""
+        if self.cfg.video_pool == "attn":
+            self.temporal_pos = nn.Parameter(torch.zeros(self.cfg.frames, self.cfg.width))
+            self.temporal_pool = AttentionPool(self.cfg.width, self.cfg.heads, self.cfg.mlp_ratio)
+
+    def _init_video_pool(self) -> None:
+        if self.cfg.video_pool == "attn":
+            nn.init.normal_(self.temporal_pos, std=self.cfg.width ** -0.5)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] -> pooled features [B,width] (before the projection)."""
@@ -199,6 +174,52 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"video_pool 'attn' has {self.cfg.frames} temporal positions (frames), got {T} "
                              f"frames; sample at most {self.cfg.frames} or build with frames={T}")
         return self.proj(self.temporal_pool(feats + self.temporal_pos[:T]))
+
+
+class VisionTransformer(ImageTowerHeads, nn.Module):
+    """ViT: conv patch embedding + learned positions, pre-norm blocks, final LN, attention pool, projection to D.
+
+    forward(images [B,3,H,W]) -> [B,D] (unnormalised); the other entry points: ImageTowerHeads.
+    """
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_dim = embed_dim  # D
+        self.grid = cfg.image_size // cfg.patch_size
+        self.num_patches = self.grid * self.grid
+        self.conv = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(self.num_patches, cfg.width))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
+        self.ln_post = nn.LayerNorm(cfg.width)
+        self.pool = AttentionPool(cfg.width, cfg.heads, cfg.mlp_ratio)
+        # No bias: projection commutes with the temporal mean (video = projection of the mean frame feature).
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        self._build_video_pool()
+        # Not persistent: derived from the config, so checkpoints hold learned weights only.
+        self.register_buffer("mean", torch.tensor(cfg.image_mean), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.image_std), persistent=False)
+        _init_weights(self)
+        nn.init.normal_(self.pos_embed, std=cfg.width ** -0.5)
+        self._init_video_pool()
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] uint8 in [0,255] or float in [0,1] -> normalised float [B,3,H,W]."""
+        s = self.cfg.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise ValueError(f"images must be [B,3,{s},{s}] (image_size={s}), got {list(images.shape)}; "
+                             f"resize the inputs or build the model with image_size={images.shape[-1]}")
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        images = images.to(self.conv.weight.dtype)
+        return (images - self.mean) / self.std
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] -> patch tokens after the final LN [B,P,width] (P = (H/patch)^2, row-major)."""
+        x = self.conv(self.preprocess(images)).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
 
 
 # ---------------------------------------------------------------------------------------------------- text

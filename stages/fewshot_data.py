@@ -9,12 +9,9 @@ manifest.json. Resumable: a rerun keeps the sets already made with the same para
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
-from campe.core.config import load_params
-from campe.core.io import output_lock
 from campe.data.synth_fewshot import FewShotParams, generate_fewshot
+from stages._generator import locked_and_timed, run_command
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "generate the few-shot classification sets (CoOp format) of the AttriPrompt benchmark"
@@ -28,19 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_stage(params: FewShotParams, out: str, progress: bool = True) -> dict:
-    t0 = time.perf_counter()
-    with output_lock(out, "campe fewshot_data"):
-        summary = generate_fewshot(params, out, progress)
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    return summary
+    return locked_and_timed(out, "campe fewshot_data", lambda: generate_fewshot(params, out, progress))
 
 
 def run(args: argparse.Namespace) -> int:
-    from stages.params import check_params  # here, not at the top: stages.params imports every stage
-
-    check_params(args.params)  # the whole file, before any work
-    params = load_params(args.params, "fewshot_data", FewShotParams)
-    s = run_stage(params, args.out)
-    print(json.dumps({"sets": {k: len(v["classnames"]) for k, v in s["datasets"].items()}, "made": s["made"],
-                      "seconds": s["seconds"]}))
-    return 0
+    return run_command(args, "fewshot_data", FewShotParams, run_stage, lambda s: {
+        "sets": {k: len(v["classnames"]) for k, v in s["datasets"].items()}, "made": s["made"],
+        "seconds": s["seconds"]})

@@ -9,12 +9,9 @@ annotations, and manifest.json. See campe/data/synth.py for the design of the be
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
-from campe.core.config import load_params
-from campe.core.io import output_lock
 from campe.data.synth import SynthParams, generate
+from stages._generator import locked_and_timed, run_command
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "generate the embedded default benchmark (images, videos, annotations)"
@@ -28,18 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_stage(params: SynthParams, out: str) -> dict:
-    t0 = time.perf_counter()
-    with output_lock(out, "campe generate"):
-        summary = generate(params, out)
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    return summary
+    return locked_and_timed(out, "campe generate", lambda: generate(params, out))
 
 
 def run(args: argparse.Namespace) -> int:
-    from stages.params import check_params  # here, not at the top: stages.params imports every stage
-
-    check_params(args.params)  # the whole file, before any work
-    params = load_params(args.params, "generate", SynthParams)
-    summary = run_stage(params, args.out)
-    print(json.dumps({k: summary[k] for k in ("images", "image_captions", "videos", "video_captions", "seconds")}))
-    return 0
+    return run_command(args, "generate", SynthParams, run_stage, lambda s: {
+        k: s[k] for k in ("images", "image_captions", "videos", "video_captions", "seconds")})

@@ -83,6 +83,24 @@ def test_interrupted_feature_build_resumes_with_only_the_missing_images(tmp_path
     torch.testing.assert_close(store.lookup(keys), fresh.lookup(keys), rtol=1e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("video_pool", ["mean", "attn"])
+def test_locked_video_is_the_per_frame_features_pooled_as_video_pool_says(video_pool):
+    from campe.towers import VisionConfig
+    torch.manual_seed(0)
+    tower = LockedImageTower(VisionConfig(image_size=32, width=64, heads=2, frames=4, video_pool=video_pool),
+                             embed_dim=64).eval()
+    assert hasattr(tower, "temporal_pool") == (video_pool == "attn")
+    frames = torch.stack([_pairs(2, seed=s).images for s in range(3)], 1)  # [B=2,T=3,3,32,32] uint8
+    with torch.no_grad():
+        feats = torch.stack([tower.forward_features(frames[:, t]) for t in range(3)], 1)  # [2,3,width], one by one
+        pooled = feats.mean(1) if video_pool == "mean" else tower.temporal_pool(feats + tower.temporal_pos[:3])
+        torch.testing.assert_close(tower.forward_video(frames), tower.proj(pooled), rtol=1e-4, atol=1e-5)
+        if video_pool == "attn":  # the switch matters: not the mean
+            assert not torch.allclose(tower.forward_video(frames), tower.proj(feats.mean(1)), atol=1e-4)
+            with pytest.raises(ValueError, match="temporal positions"):
+                tower.forward_video(torch.cat([frames, frames], 1))  # 6 frames > frames=4
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 def test_locked_step_trains_the_head_only_and_never_runs_the_backbone(tmp_path):
@@ -107,6 +125,12 @@ def test_locked_step_trains_the_head_only_and_never_runs_the_backbone(tmp_path):
     saved = torch.load(tmp_path / "run" / FINAL, weights_only=True)["model"]
     assert not any(k.startswith("visual.") and k.split(".")[1] not in ("in_proj", "pos_embed", "ln", "pool", "proj")
                    for k in saved)  # the checkpoint holds the head only
+    # model_config.json records the tower: rebuilt from it, it is the locked one with the run's initial head
+    from campe.model import build_model_from_config, load_config
+    again, resolved = build_model_from_config(load_config(tmp_path / "run" / "model_config.json"))
+    assert resolved["image_tower"] == "locked" and isinstance(again.visual, LockedImageTower)
+    assert again.visual.state_dict().keys() == head.keys()
+    assert all(torch.equal(again.visual.state_dict()[k], head[k]) for k in head)
 
 
 def test_locked_run_resumes_bit_for_bit(tmp_path):

@@ -252,6 +252,32 @@ def test_model_classes_compose_by_hand():
     assert out["image_features"].shape == out["text_features"].shape == (2, cfg.embed_dim)
 
 
+def test_model_config_records_the_image_tower_and_old_configs_load_as_scratch(tmp_path):
+    """model_config.json names the image tower (scratch | locked): the round trip rebuilds the same kind with the
+    same weights; a config saved before the field existed builds the scratch ViT."""
+    from campe.locked import LockedImageTower
+    from campe.towers import VisionTransformer
+    model, cfg = build_model("tiny", layers=1, image_tower="locked", init_seed=3)
+    assert cfg["image_tower"] == "locked" and isinstance(model.visual, LockedImageTower)
+    save_config(cfg, tmp_path / "model_config.json")
+    again, cfg2 = build_model_from_config(load_config(tmp_path / "model_config.json"))
+    assert cfg2 == cfg and isinstance(again.visual, LockedImageTower)
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    scratch, cfg_s = build_model("tiny", layers=1, init_seed=3)
+    assert cfg_s["image_tower"] == "scratch"
+    ta, tb = scratch.text.state_dict(), model.text.state_dict()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # the text tower's initialisation does not depend on it
+    old = {k: v for k, v in cfg_s.items() if k != "image_tower"}  # written before image_tower was recorded
+    save_config(old, tmp_path / "old.json")
+    again, cfg3 = build_model_from_config(load_config(tmp_path / "old.json"))
+    assert cfg3 == cfg_s and isinstance(again.visual, VisionTransformer)
+    a, b = scratch.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="image_tower 'frozen' is not one of: scratch, locked"):
+        build_model_from_config({**cfg_s, "image_tower": "frozen"})
+
+
 def test_model_config_saved_before_the_renames_still_builds_the_same_model(tmp_path):
     """model_config.json written before D and the tower kind got one name each: `text_encoder` (the tower kind) and
     a text_tower_config holding embed_dim. It loads, maps text_encoder -> text_tower_kind, and builds the same

@@ -205,6 +205,27 @@ def test_pooling_shapes_norms_and_batch_invariance(pooling, minilm):
     assert not torch.allclose(out["embedding"][0], out["embedding"][1], atol=1e-3)
 
 
+def test_state_dict_keys_shapes_and_initialisation_are_fixed(minilm, minilm_lm):
+    """The encoder's saved state: the APTs and heads, then the LM's own keys (apt_init and placeholder_embeds are
+    rebuilt, never saved); the heads' initial values are the ones the encoder had before its __init__ was split
+    into helpers (a checksum: they come from a seeded generator, no matrix product, so any BLAS gives them); the
+    APTs (through the LM's forward) equal a fresh build's."""
+    import hashlib
+
+    a, b = minilm(negation=True), minilm(negation=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    k, n, h = a.cfg.n_prompts, a.cfg.n_heads, 384
+    assert list(sa) == ["apt", "head_weight", "head_bias"] + [f"lm.{x}" for x in minilm_lm.state_dict()]
+    shapes = (sa["apt"].shape, sa["head_weight"].shape, sa["head_bias"].shape)
+    assert shapes == ((k, h), (n, h, 384 // n), (n, 384 // n))
+    assert hashlib.sha256(sa["head_weight"].numpy().tobytes() + sa["head_bias"].numpy().tobytes()).hexdigest() == (
+        "26cb85469541a5fab558bb1e568992918e06b50d97594be7e63c82c5414dfcad")  # taken before the split (k=6, 6 heads)
+    assert list(sa) == list(sb) and all(torch.equal(sa[x], sb[x]) for x in sa)
+    assert torch.equal(a.apt_init, a.apt) and a.placeholder_embeds is None
+    assert {x for x, p in a.named_parameters() if p.requires_grad} == {"apt", "head_weight", "head_bias"} | {
+        f"lm.{x}" for x, _ in minilm_lm.named_parameters() if x.startswith(f"encoder.layer.{a.num_layers - 1}.")}
+
+
 def test_gradients_reach_apt_heads_and_last_layer_only(minilm):
     enc = minilm(negation=True).train()
     out = enc(CAPTIONS)

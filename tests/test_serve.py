@@ -387,9 +387,11 @@ def test_bad_folders_and_models_are_one_clear_error(trained, tmp_path):
     with pytest.raises(ImageSourceError, match=r"none of its 1 files is an image campe can read \(first: a.jpg"):
         ImageIndex.load_or_build(load_model(trained), trained, list_images(junk), index_dir=tmp_path / "ix",
                                  progress=False)
-    with pytest.raises(NotACampeModel, match=r"not a campe model \(no model.pt and no train_config.json\); pass "
-                                             r"--model the out_dir of a finished `campe train`"):
-        load_model(junk)
+    with pytest.raises(NotACampeModel, match=r"is not a campe model: it has no model.pt and train_config.json; give "
+                                             r"the out_dir of a finished `campe train`"):
+        load_model(junk)  # campe.load's message (serve opens the model with campe.load)
+    import campe
+    assert NotACampeModel is campe.NotACampeModel
     broken = tmp_path / "broken"
     shutil.copytree(trained, broken)
     (broken / "model.pt").write_bytes(b"garbage")
@@ -398,7 +400,7 @@ def test_bad_folders_and_models_are_one_clear_error(trained, tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("model", "not a campe model (no model.pt and no train_config.json)"),
+    ("model", "is not a campe model: it has no model.pt and train_config.json"),
     ("images", "no images in this folder"),
     ("port", "pass --port another port"),
 ])

@@ -91,7 +91,7 @@ def tiny_params(root: str | os.PathLike = "", text_model: str = "minilm") -> dic
         "prompt_learn": dict(clip_path=p("data/models/clip"), data_root=p("data/fewshot"), protocol="base2new",
                              datasets=["FinePolygons", "Counts"], source="FinePolygons", xd_targets=["Counts"],
                              dg_targets=[], methods=["zsclip", "coop", "attriprompt"], seeds=[1], shots=2,
-                             out_dir=p("models/prompt_learning"), metrics_dir=p("metrics/prompt_learning"),
+                             out_dir=p("data/models/prompt_learning"), metrics_dir=p("metrics/prompt_learning"),
                              fewshot_dir=p("data/prompt_learning/split_fewshot"), epochs=1, batch_size=4,
                              augment=False, test_batch_size=50, clusters=2, kmeans_iters=2, pool_size=4,
                              pool_tokens=1, top_n=2, static_ctx=1, tracking_uri=tracking,

@@ -35,7 +35,7 @@ class PromptLearnParams:
     methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     shots: int = 16  # per class per seed (val: min(shots, 4))
-    out_dir: str = "models/prompt_learning"  # checkpoints: <out>/<protocol>/<method>/<dataset>/seed<k>/
+    out_dir: str = "data/models/prompt_learning"  # checkpoints: <out>/<protocol>/<method>/<dataset>/seed<k>/
     metrics_dir: str = "metrics/prompt_learning"  # <metrics>/<protocol>/<method>/<dataset>/seed<k>.json + summary
     fewshot_dir: str = "data/prompt_learning/split_fewshot"  # cached samples: <dir>/<Name>/shot_K-seed_S.json
     # optimisation (Dassl's: SGD, cosine, constant warm-up epochs)

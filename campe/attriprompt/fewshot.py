@@ -175,12 +175,26 @@ def hm(base: float, novel: float) -> float:
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def _spread(xs: list[float]) -> dict[str, float]:
-    """mean, sample std, n and the half-width of the 95% t-interval of the mean (0 for one value)."""
+def _spread(xs: list[float]) -> dict[str, float | None]:
+    """mean, sample std, n and the half-width of the 95% t-interval of the mean. With one value the std and the
+    interval are undefined: None (null in JSON, an empty CSV field, "n/a" in Markdown), never 0."""
     n = len(xs)
-    std = statistics.stdev(xs) if n > 1 else 0.0
-    ci = _T975.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else 0.0
+    std = statistics.stdev(xs) if n > 1 else None
+    ci = _T975.get(n - 1, 1.96) * std / math.sqrt(n) if std is not None else None
     return {"mean": statistics.fmean(xs), "std": std, "n": n, "ci95": ci}
+
+
+def fmt_spread(s: dict[str, Any], digits: int = 2, ci: bool = False) -> str:
+    """A _spread as Markdown: "mean ± std" (ci: "mean ± std [±ci95]"); one seed: the mean alone ("n/a" spread)."""
+    if s["std"] is None:
+        return f"{s['mean']:.{digits}f} ± n/a"
+    text = f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    return f"{text} [±{s['ci95']:.{digits}f}]" if ci else text
+
+
+def fmt_ci(s: dict[str, Any], digits: int = 2) -> str:
+    """The half-width of a _spread's 95% t-interval as Markdown ("±x"; "n/a" for one seed)."""
+    return "n/a" if s["ci95"] is None else f"±{s['ci95']:.{digits}f}"
 
 
 def seed_summary(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("base_acc", "novel_acc")) -> dict[str, Any]:

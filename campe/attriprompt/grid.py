@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from campe.attriprompt.config import PromptLearnParams
-from campe.attriprompt.fewshot import _spread, hm
+from campe.attriprompt.fewshot import _spread, fmt_spread, hm
 from campe.core.io import atomic_write_bytes, atomic_write_json
 
 # variant -> (method, overrides of the section)
@@ -113,7 +113,7 @@ def _cross_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _fmt(s: dict[str, float] | None) -> str:
     if not s or s["mean"] != s["mean"]:  # missing, or nan (no target of that kind)
         return "—"
-    return f"{s['mean']:.1f} ± {s['std']:.1f} [±{s['ci95']:.1f}] (n={s['n']})"
+    return f"{fmt_spread(s, 1, ci=True)} (n={s['n']})"
 
 
 def grid_table(p: PromptLearnParams, out: str | Path, variants: list[str] | None = None) -> dict[str, Any]:
@@ -150,15 +150,19 @@ def _markdown(t: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"  # one seed: std and ci95 undefined, an empty field (null)
+
+
 def _csv(t: dict[str, Any]) -> str:
     rows = ["variant,protocol,dataset,metric,mean,std,ci95,n"]
     for v, r in t["variants"].items():
         for d, s in [*r["base2new"]["datasets"].items(), ("average", r["base2new"]["average"])]:
             for k, x in s.items():
-                rows.append(f"{v},base2new,{d},{k},{x['mean']:.4f},{x['std']:.4f},{x['ci95']:.4f},{x['n']}")
+                rows.append(f"{v},base2new,{d},{k},{x['mean']:.4f},{_num(x['std'])},{_num(x['ci95'])},{x['n']}")
         for k, x in r["cross"].items():
             d, metric = (k.split("/", 1)[1], "acc") if "/" in k else (t["sets"]["source"], k)
-            rows.append(f"{v},cross,{d},{metric},{x['mean']:.4f},{x['std']:.4f},{x['ci95']:.4f},{x['n']}")
+            rows.append(f"{v},cross,{d},{metric},{x['mean']:.4f},{_num(x['std'])},{_num(x['ci95'])},{x['n']}")
     return "\n".join(rows) + "\n"
 
 
@@ -181,7 +185,7 @@ def _picture(t: dict[str, Any], path: Path) -> None:
             r = t["variants"][v][proto]
             s = (r["average"] if proto == "base2new" else r).get(k)
             vals.append(s["mean"] if s else 0.0)
-            errs.append(s["ci95"] if s else 0.0)
+            errs.append(s["ci95"] if s and s["ci95"] is not None else 0.0)  # one seed: no error bar
         ax.bar([j + (i - 2) * width for j in range(len(names))], vals, width, yerr=errs, label=label, capsize=2)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")

@@ -62,7 +62,7 @@ def plot_bnh(avgs: dict[str, dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(avgs)), 3.5))
     for i, (k, label) in enumerate((("base_acc", "base"), ("novel_acc", "novel"), ("hm", "HM"))):
         ax.bar([j + (i - 1) * 0.27 for j in range(len(avgs))], [a[k]["mean"] for a in avgs.values()], 0.27,
-               yerr=[a[k]["std"] for a in avgs.values()], label=label, capsize=2)
+               yerr=[a[k]["std"] or 0.0 for a in avgs.values()], label=label, capsize=2)  # one seed: no bar
     ax.set_xticks(range(len(avgs)), list(avgs))
     ax.set_ylabel("accuracy (%), dataset average")
     ax.legend(fontsize=8)

@@ -28,8 +28,8 @@ import torch
 import campe.attriprompt.attri  # noqa: F401  (registers "attriprompt" in METHODS)
 from campe.attriprompt.backbone import Backbone, load_backbone
 from campe.attriprompt.config import PromptLearnParams
-from campe.attriprompt.fewshot import (Datum, classnames_of, dataset_average, fewshot, hm, read_split,
-                                       seed_summary, subsample_classes)
+from campe.attriprompt.fewshot import (Datum, classnames_of, dataset_average, fewshot, fmt_ci, fmt_spread, hm,
+                                       read_split, seed_summary, subsample_classes)
 from campe.attriprompt.methods import (METHODS, ClassText, PromptMethod, VisionOut, build_method, class_text,
                                        vision_pass)
 from campe.core.io import atomic_file, atomic_write_bytes, atomic_write_json, json_sha256
@@ -354,18 +354,21 @@ def summarise(p: PromptLearnParams) -> dict[str, Any]:
     summary: dict[str, Any] = {"protocol": p.protocol, "shots": p.shots, "methods": {}}
     lines = []
     if p.protocol == "base2new":
-        lines += ["| method | dataset | base | novel | HM | seeds |", "|---|---|---|---|---|---|"]
+        # cells: mean ± std over the seeds; 95% CI: half-width of the t-interval of the mean (HM: of the per-seed HMs)
+        lines += ["| method | dataset | base | novel | HM | base 95% CI | novel 95% CI | HM 95% CI | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for m, per in rows.items():
             per_ds = {d: seed_summary(r) for d, r in per.items()}
             summary["methods"][m] = {"datasets": per_ds, "average": dataset_average(per_ds)}
             for d, s in per_ds.items():
-                lines.append(f"| {m} | {d} | {s['base_acc']['mean']:.2f} ± {s['base_acc']['std']:.2f} | "
-                             f"{s['novel_acc']['mean']:.2f} ± {s['novel_acc']['std']:.2f} | {s['hm']:.2f} | "
-                             f"{len(s['seeds'])} |")
+                lines.append(f"| {m} | {d} | {fmt_spread(s['base_acc'])} | {fmt_spread(s['novel_acc'])} | "
+                             f"{s['hm']:.2f} | {fmt_ci(s['base_acc'])} | {fmt_ci(s['novel_acc'])} | "
+                             f"{fmt_ci(s['hm_per_seed'])} | {len(s['seeds'])} |")
             a = summary["methods"][m]["average"]
-            lines.append(f"| {m} | **average** | {a['base_acc']:.2f} | {a['novel_acc']:.2f} | {a['hm']:.2f} | |")
+            lines.append(f"| {m} | **average** | {a['base_acc']:.2f} | {a['novel_acc']:.2f} | {a['hm']:.2f} | | | | |")
     else:
-        lines += ["| method | source | cross-dataset avg | DG avg | seeds |", "|---|---|---|---|---|"]
+        lines += ["| method | source | cross-dataset avg | DG avg | source 95% CI | cross-dataset 95% CI | DG 95% CI "
+                  "| seeds |", "|---|---|---|---|---|---|---|---|"]
         for m, per in rows.items():
             for d, r in per.items():
                 flat = [{"seed": x["seed"], "source_acc": x["source_acc"], "xd_avg": x["xd_avg"],
@@ -374,9 +377,9 @@ def summarise(p: PromptLearnParams) -> dict[str, Any]:
                 keys = tuple(k for k in flat[0] if k != "seed")
                 s = seed_summary(flat, keys)
                 summary["methods"][m] = {d: s}
-                cell = lambda k: f"{s[k]['mean']:.2f} ± {s[k]['std']:.2f}"  # noqa: E731
-                lines.append(f"| {m} | {cell('source_acc')} | {cell('xd_avg')} | {cell('dg_avg')} | "
-                             f"{len(s['seeds'])} |")
+                ks = ("source_acc", "xd_avg", "dg_avg")
+                lines.append(f"| {m} | {' | '.join(fmt_spread(s[k]) for k in ks)} | "
+                             f"{' | '.join(fmt_ci(s[k]) for k in ks)} | {len(s['seeds'])} |")
     folder = Path(p.metrics_dir) / p.protocol
     atomic_write_json(folder / "summary.json", summary)
     atomic_write_bytes(folder / "summary.md", ("\n".join(lines) + "\n").encode())

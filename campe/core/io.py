@@ -1,11 +1,12 @@
-"""Small I/O helpers: atomic writes (a killed run never leaves a half-written file behind) and the lock of an output
-folder (two runs never write into one folder at once)."""
+"""Small I/O helpers: atomic writes of files and folders (a killed run never leaves a half-written one behind) and
+the lock of an output folder (two runs never write into one folder at once)."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -34,6 +35,36 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """Build folder `out` atomically: yields an empty temp folder `.<name>.tmp-*` beside it to fill; on a clean exit
+    the old `out` (if any) is renamed aside (`.<name>.old-<pid>`), the temp folder renamed in and the old one
+    removed; on an error the temp folder is removed and `out` is left as it was. Readers see the old folder or the
+    whole new one. Leftovers of a killed run (`.<name>.tmp-*`, `.<name>.old-*`) are removed first: the caller
+    holds the folder's lock (output_lock), so no other run is building them."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the old folder back: the caller sees the error and `out` unchanged
+                raise
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -29,13 +29,12 @@ import csv
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from campe.core.io import atomic_dir
 from campe.data.synth_scenes import item_rng, make_captions, render_scene, sample_scene
 from campe.data.synth_video import make_video_captions, render_clip, sample_clip, write_mp4
 
@@ -97,21 +96,8 @@ def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
 def generate(p: SynthParams, out_dir: str | Path) -> dict[str, Any]:
     """Generate the whole benchmark into `out_dir` atomically (built in a temp dir beside it, then swapped in)."""
     p.validate()
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         summary = _generate_into(p, tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

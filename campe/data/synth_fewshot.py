@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from campe.core.io import atomic_write_json, json_sha256
+from campe.core.io import atomic_dir, atomic_write_json, json_sha256
 from campe.data.synth_scenes import (ALL_COLOURS, BACKGROUNDS, COLOURS, EXTRA_SHAPES, POSITIONS, SHAPES, draw_object,
                                      object_box, pick, render_background, render_scene)
 
@@ -319,7 +318,7 @@ def generate_fewshot(p: FewShotParams, out_dir: str | Path, progress: bool = Tru
     p.validate()
     root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".*.tmp-*"):  # left by a killed run
+    for stale in [*root.glob(".*.tmp-*"), *root.glob(".*.old-*")]:  # left by a killed run (sets no longer asked too)
         shutil.rmtree(stale, ignore_errors=True)
     for extra in [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in p.datasets]:
         shutil.rmtree(extra)  # a set no longer asked for
@@ -329,15 +328,8 @@ def generate_fewshot(p: FewShotParams, out_dir: str | Path, progress: bool = Tru
         folder = root / name
         info = read_set_manifest(folder)
         if info is None or info.get("set_hash") != set_hash(p, name):
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-            try:
+            with atomic_dir(folder) as tmp:
                 info = _make_set(p, name, tmp)
-                if folder.exists():
-                    shutil.rmtree(folder)
-                tmp.rename(folder)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             made.append(name)
         sets[name] = {k: v for k, v in info.items() if k != "pixel_hashes"}
     summary = {"version": FEWSHOT_VERSION, "params": dataclasses.asdict(p), "datasets": sets}

@@ -11,8 +11,7 @@
 Scores are the ones `campe evaluate` ranks by: image embeddings from campe.embed.Embedder (the training
 preprocessing), the caption's text embedding, and with aspect weights w [K] the re-weighted similarity
 sum_k w_k <v_k, t_k> over the K contiguous D/K segments (campe.core.retrieval.segment_similarity; all ones = the
-plain cosine). The model comes from campe.train.checkpoint.load_trained_model: `load_model` is the one place that
-names it (switching to campe.load is a change there).
+plain cosine). The model comes from campe.load (campe/api.py), as in Python use: `load_model` wraps it.
 
 The index file is `<model folder>.serve-index/<key>.pt` (atomic), key = sha256 of the model's files (model.pt,
 train_config.json) and of every image file (its path and bytes): a changed model or folder is indexed anew.
@@ -31,17 +30,14 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from campe.api import CONFIG, NotACampeModel, find_checkpoint, load  # NotACampeModel: campe.NotACampeModel itself
 from campe.core.retrieval import aspect_scale, segment_similarity
 from campe.data.imageprep import ImageDecodeError
 from campe.embed import Embedder, aspect_maps, load_images
-from campe.train.checkpoint import FINAL, load_trained_model
+from campe.train.checkpoint import FINAL
 
 INDEX_FORMAT = 2
-MODEL_FILES = (FINAL, "train_config.json")
-
-
-class NotACampeModel(ValueError):
-    """The model folder is missing, or is not the out_dir of a finished `campe train`."""
+MODEL_FILES = (FINAL, CONFIG)
 
 
 class ImageSourceError(ValueError):
@@ -55,19 +51,16 @@ class QueryError(ValueError):
 # ---------------------------------------------------------------------------------------------------- inputs
 
 def load_model(model_dir: str | Path) -> torch.nn.Module:
-    """The trained model in eval mode (CPU). Anything that is not a campe model is one NotACampeModel line."""
-    d = Path(model_dir)
-    fix = "pass --model the out_dir of a finished `campe train` (e.g. data/models/campe; `make repro` makes it)"
-    if not d.is_dir():
-        raise NotACampeModel(f"{d}: no such folder; {fix}")
-    missing = [n for n in MODEL_FILES if not (d / n).is_file()]
-    if missing:
-        raise NotACampeModel(f"{d}: not a campe model (no {' and no '.join(missing)}); {fix}")
+    """The trained model in eval mode (CPU), opened by campe.load (a `campe train` out_dir or an MLflow Model
+    folder). Anything that is not a campe model is one NotACampeModel line."""
     try:
-        model, _ = load_trained_model(d)
+        return load(model_dir).model
+    except NotACampeModel:
+        raise  # campe.load's message names the folder and the fix
     except Exception as e:  # noqa: BLE001 - bad JSON, torch.load errors, a state that does not fit, a missing LM
-        raise NotACampeModel(f"{d}: cannot be loaded as a campe model ({type(e).__name__}: {e}); {fix}") from None
-    return model
+        raise NotACampeModel(f"{model_dir}: cannot be loaded as a campe model ({type(e).__name__}: {e}); pass "
+                             f"--model the out_dir of a finished `campe train` (e.g. data/models/campe; `make repro` "
+                             f"makes it)") from None
 
 
 def list_images(source: str | Path, split: str = "test") -> list[str]:
@@ -95,10 +88,12 @@ def list_images(source: str | Path, split: str = "test") -> list[str]:
 
 
 def content_key(model_dir: str | Path, paths: Sequence[str]) -> str:
-    """sha256 over the model's files and every image file's path and bytes (hex)."""
+    """sha256 over the model's files (in its checkpoint folder: campe.api.find_checkpoint) and every image file's
+    path and bytes (hex)."""
     h = hashlib.sha256(f"campe-serve-index {INDEX_FORMAT}\n".encode())
+    folder = find_checkpoint(model_dir)
     for name in MODEL_FILES:
-        h.update(name.encode() + b"\0" + hashlib.sha256((Path(model_dir) / name).read_bytes()).digest())
+        h.update(name.encode() + b"\0" + hashlib.sha256((folder / name).read_bytes()).digest())
     for path in tqdm(paths, desc="hash images", unit="file", disable=len(paths) < 2000):
         h.update(str(Path(path).resolve()).encode() + b"\0" + hashlib.sha256(Path(path).read_bytes()).digest())
     return h.hexdigest()

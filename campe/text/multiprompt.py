@@ -163,7 +163,20 @@ class MultiPromptTextEncoder(nn.Module):
         cfg.validate()
         cfg.check_embed_dim(embed_dim)
         self.cfg, self.lm, self.tokenizer, self.embed_dim = cfg, lm, tokenizer, embed_dim
-        c = lm.config
+        self._read_architecture(lm)
+        reserved = self._build_prompts()
+        self._build_parameters(reserved)
+        lm.requires_grad_(False)
+        for layer in self._layers[self.start_layer:]:
+            layer.requires_grad_(True)
+        self.eval()
+        self.reset_parameters()
+
+    # -- construction (in this order: the state_dict keys follow it)
+    def _read_architecture(self, lm: nn.Module) -> None:
+        """The LM's family (encoder | decoder), causality, layer count, trainable layers, sliding windows and
+        position offset."""
+        cfg, c = self.cfg, lm.config
         check_model_type(getattr(c, "model_type", ""), type(lm).__name__)
         if hasattr(lm, "embeddings") and hasattr(getattr(lm, "encoder", None), "layer"):
             self.family = "encoder"  # BERT, RoBERTa, ...: absolute positions in the embedding block, no final norm
@@ -189,7 +202,11 @@ class MultiPromptTextEncoder(nn.Module):
             lm.embeddings, "padding_idx") else 0
         self._token_types = self.family == "encoder" and getattr(c, "type_vocab_size", 1) >= 2
 
-        tok = tokenizer
+    def _build_prompts(self) -> list[int] | None:
+        """The pad and placeholder tokens and the prompts' token ids (K prompts, then K negated ones) with each
+        one's APT offset; checks they fit the model's positions. Returns the reserved placeholder tokens (None:
+        apt_placeholder shared, or no reserved tokens)."""
+        cfg, tok = self.cfg, self.tokenizer
         self.pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
         self.placeholder_id = next(i for i in (getattr(tok, "mask_token_id", None), tok.unk_token_id,
                                                 tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
@@ -208,29 +225,30 @@ class MultiPromptTextEncoder(nn.Module):
                 offsets += [noff] * p
         self.prompt_ids, self.apt_offsets = prompts, offsets
         longest = cfg.max_length + max((len(x) for x in prompts), default=0) + self._pos_offset
-        max_pos = getattr(c, "max_position_embeddings", None)
+        max_pos = getattr(self.lm.config, "max_position_embeddings", None)
         if max_pos is not None and longest > max_pos:
             raise ValueError(f"max_length ({cfg.max_length}) + the longest prompt needs {longest} positions but "
                              f"the model has {max_pos}; lower max_length")
+        return reserved
 
-        h, dtype, device = c.hidden_size, self._dtype, next(lm.parameters()).device
+    def _build_parameters(self, reserved: list[int] | None) -> None:
+        """The placeholder fallback embeddings, the APTs (and where they started) and the heads, all zero here
+        (reset_parameters fills them)."""
+        cfg, p = self.cfg, self.cfg.n_prompts
+        h, dtype, device = self.lm.config.hidden_size, self._dtype, next(self.lm.parameters()).device
         # The fallback of `distinct` without reserved tokens: fixed input embeddings of the K placeholders
         # (a buffer rebuilt from PLACEHOLDER_SEED, not saved: it is part of the frozen model, like its weights).
         fallback = cfg.apt_placeholder == "distinct" and reserved is None and p > 0
-        self.register_buffer("placeholder_embeds", _seeded_embeddings(lm, p) if fallback else None, persistent=False)
+        self.register_buffer("placeholder_embeds", _seeded_embeddings(self.lm, p) if fallback else None,
+                             persistent=False)
         self.entry_layer = 0 if cfg.apt_entry == "input" else self.start_layer
         self.apt = nn.Parameter(torch.zeros(p, h, dtype=dtype, device=device)) if p else None
         # Where each APT started (rebuilt by reset_parameters, not saved): for the relative-movement diagnostic.
         self.register_buffer("apt_init", torch.zeros(p, h, dtype=dtype, device=device) if p else None,
                              persistent=False)
-        n, d = cfg.n_heads, embed_dim // cfg.n_heads
+        n, d = cfg.n_heads, self.embed_dim // cfg.n_heads
         self.head_weight = nn.Parameter(torch.zeros(n, h, d, dtype=dtype, device=device))
         self.head_bias = nn.Parameter(torch.zeros(n, d, dtype=dtype, device=device))
-        lm.requires_grad_(False)
-        for layer in self._layers[self.start_layer:]:
-            layer.requires_grad_(True)
-        self.eval()
-        self.reset_parameters()
 
     # -- small helpers
     @property

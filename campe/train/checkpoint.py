@@ -40,10 +40,10 @@ def build_run_model(cfg: RunConfig, tower: str = "plain") -> tuple[CLIPModel, di
     computed on the fly)."""
     if tower not in TOWER_MODES:
         raise ValueError(f"tower '{tower}' is not one of: {', '.join(TOWER_MODES)}")
-    fields = dataclasses.asdict(cfg.model)
+    fields = {**dataclasses.asdict(cfg.model), "image_tower": cfg.train.image_tower}
     if cfg.text_encoder is None:
         model, resolved = build_model("default", **fields)
-        return _image_tower(model, cfg), resolved, model.text
+        return model, resolved, model.text
     from campe.text.multiprompt import build_text_encoder
     encoder = build_text_encoder(cfg.text_encoder, embed_dim=cfg.model.embed_dim)
     text_tower = encoder
@@ -54,18 +54,7 @@ def build_run_model(cfg: RunConfig, tower: str = "plain") -> tuple[CLIPModel, di
     model, resolved = build_model("default", text_tower=text_tower, **fields)
     resolved["text_tower_kind"] = "multiprompt"  # the cache wrapper is a view of the same tower
     resolved["text_tower_config"] = dataclasses.asdict(cfg.text_encoder)
-    return _image_tower(model, cfg), resolved, encoder
-
-
-def _image_tower(model: CLIPModel, cfg: RunConfig) -> CLIPModel:
-    """train.image_tower 'locked': the ViT replaced by campe.locked's tower (frozen backbone + trainable head),
-    initialised from model.init_seed (the caller's RNG stream untouched)."""
-    if cfg.train.image_tower == "locked":
-        from campe.locked import LockedImageTower
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.model.init_seed)
-            model.visual = LockedImageTower(cfg.model.vision_config(), embed_dim=cfg.model.embed_dim)
-    return model
+    return model, resolved, encoder
 
 
 def frozen_parameter_names(model: nn.Module) -> set[str]:

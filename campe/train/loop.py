@@ -17,7 +17,8 @@ Outputs in out_dir (rank 0 only):
     ckpt_last.pt         resume checkpoint, written atomically every ckpt_every steps and at the end: trainable
                          weights, optimizer, scheduler, step, data position (epoch, batch), every rank's RNG states
     model.pt             final weights for evaluation (campe.train.checkpoint.load_trained_model(out_dir))
-    model_config.json    resolved model config (campe.model.save_config; "text_tower_config" = the text encoder)
+    model_config.json    resolved model config (campe.model.save_config; "text_tower_config" = the text encoder,
+                         "image_tower" = train.image_tower)
     train_config.json    the resolved run config (all four sections, method applied) and its hash
     train_log.csv        per-step metrics (step, epoch, lr, loss, each term, grad_norm, samples_per_s)
     loss_curve.png       the loss terms against the step
@@ -144,7 +145,7 @@ def _resolve_model(cfg: RunConfig, source: Any, model: CLIPModel | None) -> tupl
         return model, resolved, encoder, mode
     mode = "cached" if type(model.text).__name__ == "CachedTextTower" else "plain"
     encoder = getattr(model.text, "encoder", model.text)
-    resolved = {"name": "default", **dataclasses.asdict(model.cfg)}
+    resolved = {"name": "default", "image_tower": cfg.train.image_tower, **dataclasses.asdict(model.cfg)}
     if cfg.text_encoder is not None:
         resolved.update(text_tower_kind="multiprompt", text_tower_config=dataclasses.asdict(cfg.text_encoder))
     return model, resolved, encoder, mode

@@ -24,12 +24,11 @@ from campe.core.config import ConfigError, from_dict
 from campe.core.io import json_sha256
 from campe.core.losses import LossConfig
 from campe.data.imageprep import DEFAULT_MAX_SKIP_FRACTION, validate_max_skip_fraction
-from campe.model import ModelConfig
+from campe.model import IMAGE_TOWERS, ModelConfig
 from campe.text.multiprompt import MultiPromptConfig
 
 
 PRECISIONS = ("fp32", "bf16")
-IMAGE_TOWERS = ("scratch", "locked")  # the ViT trained from scratch | LiT: frozen pretrained backbone (campe.locked)
 TRAIN_SECTIONS = ("text_encoder", "model", "loss", "train")  # the params sections one training run reads
 
 # ---------------------------------------------------------------------------------------------------- configs

@@ -35,7 +35,7 @@ RUN_RECORDS = {  # file name (a regular expression) -> the fields left out
 }
 OUTS_WITH_RUN_RECORDS = {"data/shards/train", "data/models/campe", "metrics/download_stats.json", "metrics/train.json",
                          "metrics/download_stats.headline.json", "metrics/train.headline.json",
-                         "models/prompt_learning", "metrics/prompt_learning/base2new"}
+                         "data/models/prompt_learning", "metrics/prompt_learning/base2new"}
 
 
 def _record_rule(name: str) -> tuple[str, ...] | None:
