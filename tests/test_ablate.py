@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import ablate
+from stages import ablate, ablate_table
 from stages.ablate import AblateParams, Cell, grid, layout_key
 from campe.core.config import ConfigError
 from campe.train.run_config import resolve_run_config
@@ -110,7 +110,7 @@ def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
             per.setdefault((c.variant, ds), []).append(rec["metrics"])
     rows = list(csv.DictReader(io.StringIO(Path(ap.table_csv).read_text())))
     paired = {f"d_{ref}{end}" for ref in ("mean", "vanilla") for end in ("", "_low", "_high", "_n")}
-    assert rows and set(rows[0]) == set(ablate.CSV_FIELDS) | paired
+    assert rows and set(rows[0]) == set(ablate_table.CSV_FIELDS) | paired
     got = {(r["variant"], r["dataset"], r["metric"]): r for r in rows}
     # Paired difference against vanilla: per seed, method - vanilla, then mean and its t interval (n = 2)
     for metric in ("rsum", "i2t_R@1"):
@@ -136,7 +136,7 @@ def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
         "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"}
 
     # The picture's panels hold every seed's value, as in the metrics files; the PNG is written.
-    panels = ablate.plot_panels(ablate.finished_records(ap), ablate.variants_of(ap))
+    panels = ablate_table.plot_panels(ablate.finished_records(ap), ablate.variants_of(ap))
     assert set(panels) == {"gen rsum", "gen_video rsum"}
     for (variant, ds), ms in per.items():
         assert panels[f"{ds} rsum"][variant] == [m["rsum"] for m in ms]

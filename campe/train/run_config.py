@@ -45,6 +45,8 @@ _NO_AUX = {"lambda_div": 0.0, "lambda_neg": 0.0}
 METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"text_encoder": None, "model": {"text_tower_kind": "vanilla"}, "loss": _NO_AUX},
     "mean": {"text_encoder": {"pooling": "mean", "negation": False}, "loss": _NO_AUX},  # LM + mean pool
+    # mean pooling with LoRA adapters on the frozen LM (peft), the paper's strongest baseline: online only
+    "mean_lora": {"text_encoder": {"pooling": "mean", "negation": False, "lora": True}, "loss": _NO_AUX},
     "last_token": {"text_encoder": {"pooling": "last_token", "negation": False}, "loss": _NO_AUX},
     "single_prompt": {"text_encoder": {"pooling": "single_prompt", "negation": False}, "loss": _NO_AUX},
     "defo": {"text_encoder": {"pooling": "defo", "negation": False}, "loss": _NO_AUX},  # M lone learned tokens
@@ -136,7 +138,9 @@ RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_wor
 HASHED_IF_NOT = {("text_encoder", "apt_placeholder"): "shared", ("text_encoder", "apt_entry"): "first_trainable",
                  ("text_encoder", "apt_init_noise"): 0.02, ("loss", "div_space"): "heads",
                  ("train", "apt_lr_mult"): 1.0, ("train", "image_tower"): "scratch", ("train", "patience"): 0,
-                 ("train", "val_every"): 0}
+                 ("train", "val_every"): 0, ("text_encoder", "lora"): False, ("text_encoder", "lora_r"): 8,
+                 ("text_encoder", "lora_alpha"): 16, ("text_encoder", "lora_dropout"): 0.0,
+                 ("text_encoder", "lora_targets"): []}
 
 
 @dataclass
@@ -206,6 +210,8 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
     model = from_dict(ModelConfig, model_fields, f"{where}:model")
     text = None
     if spec["text_encoder"] is not None:
+        te_spec = {"lora": False, **spec["text_encoder"]}  # lora belongs to the method (mean_lora), like pooling
+        _check_lora(raw["text_encoder"], te_spec["lora"], tp, where)
         for k, v in spec["text_encoder"].items():
             # The cache stage builds its cache from this section as written: training from a cache, the section
             # must say what the method trains (online, the method's value simply wins).
@@ -215,7 +221,7 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
                                   f"(campe cache builds the cache from this section), or train online "
                                   f"(train.cache_dir: '' / --cache none)")
         where_text = f"{where}:text_encoder (method '{tp.method}')"
-        text = from_dict(MultiPromptConfig, {**raw["text_encoder"], **spec["text_encoder"]}, where_text)
+        text = from_dict(MultiPromptConfig, {**raw["text_encoder"], **te_spec}, where_text)
         try:
             text.check_embed_dim(model.embed_dim)
         except ValueError as e:
@@ -227,6 +233,19 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
     else:
         from_dict(MultiPromptConfig, raw["text_encoder"], f"{where}:text_encoder")  # still a valid section
     return RunConfig(tp.method, text, model, loss, tp)
+
+
+def _check_lora(raw_text: dict[str, Any], lora: bool, tp: TrainParams, where: str) -> None:
+    """text_encoder.lora is the method's (a section may state it only with the method's value), and LoRA trains
+    online: it changes every layer of the LM, so there are no frozen states to cache."""
+    if "lora" in raw_text and raw_text["lora"] != lora:
+        raise ConfigError(f"{where}:text_encoder: lora is {raw_text['lora']!r} but method '{tp.method}' trains with "
+                          f"lora: {json.dumps(lora)}; the method picks it (mean_lora = mean pooling + LoRA), leave "
+                          f"text_encoder.lora out")
+    if lora and tp.cache_dir:
+        raise ConfigError(f"{where}:train: method '{tp.method}' puts LoRA adapters into every layer of the LM, so its "
+                          f"states change with training and cannot come from a text cache (cache_dir "
+                          f"'{tp.cache_dir}'); train online: train.cache_dir: '' (or `campe train --cache none`)")
 
 
 def _check_derived(raw: dict[str, dict], model_fields: dict, method: str, where: str) -> None:
