@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,16 +237,18 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
 
 
 def _check_lora(raw_text: dict[str, Any], lora: bool, tp: TrainParams, where: str) -> None:
-    """text_encoder.lora is the method's (a section may state it only with the method's value), and LoRA trains
-    online: it changes every layer of the LM, so there are no frozen states to cache."""
+    """text_encoder.lora is the method's (a section may state it only with the method's value). LoRA trains online:
+    it changes every layer of the LM, so there are no frozen states to cache; a cache_dir (the params default) is
+    ignored with a warning, and the resolved config says cache_dir ''."""
     if "lora" in raw_text and raw_text["lora"] != lora:
         raise ConfigError(f"{where}:text_encoder: lora is {raw_text['lora']!r} but method '{tp.method}' trains with "
                           f"lora: {json.dumps(lora)}; the method picks it (mean_lora = mean pooling + LoRA), leave "
                           f"text_encoder.lora out")
     if lora and tp.cache_dir:
-        raise ConfigError(f"{where}:train: method '{tp.method}' puts LoRA adapters into every layer of the LM, so its "
-                          f"states change with training and cannot come from a text cache (cache_dir "
-                          f"'{tp.cache_dir}'); train online: train.cache_dir: '' (or `campe train --cache none`)")
+        warnings.warn(f"{where}:train: method '{tp.method}' puts LoRA adapters into every layer of the LM, so it "
+                      f"trains online: cache_dir '{tp.cache_dir}' is ignored (set train.cache_dir: '' or "
+                      f"`campe train --cache none` to silence this)", stacklevel=3)
+        tp.cache_dir = ""
 
 
 def _check_derived(raw: dict[str, dict], model_fields: dict, method: str, where: str) -> None:
