@@ -135,9 +135,14 @@ def test_lora_trains_online_only(tiny_lm, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resolve_run_config({**sections, "train": {"method": "mean_lora", "cache_dir": ""}})
-    # lora is the method's: a section may not switch it on for another method (or off for mean_lora)
-    with pytest.raises(ConfigError, match="lora is True but method 'mean'"):
-        resolve_run_config({"text_encoder": {"lora": True}, "train": {"method": "mean", "cache_dir": ""}})
+    # lora is the method's (like pooling): online its value wins over the section's; from a cache, the section (the
+    # cache stage builds from it) must agree
+    assert not resolve_run_config({"text_encoder": {"lora": True}, "train": {"method": "mean", "cache_dir": ""}
+                                   }).text_encoder.lora
+    assert resolve_run_config({"text_encoder": {"lora": False}, "train": {"method": "mean_lora", "cache_dir": ""}
+                               }).text_encoder.lora
+    with pytest.raises(ConfigError, match="lora is True but method 'mean' trains with lora: false"):
+        resolve_run_config({"text_encoder": {"lora": True}, "train": {"method": "mean"}})
     enc = build_text_encoder(cfg.text_encoder, embed_dim=cfg.model.embed_dim)
     lay = enc.layout(CAPTIONS)
     with pytest.raises(ValueError, match="lora.*cached states cannot be used"):

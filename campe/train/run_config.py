@@ -212,8 +212,8 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
     text = None
     if spec["text_encoder"] is not None:
         te_spec = {"lora": False, **spec["text_encoder"]}  # lora belongs to the method (mean_lora), like pooling
-        _check_lora(raw["text_encoder"], te_spec["lora"], tp, where)
-        for k, v in spec["text_encoder"].items():
+        _lora_online(te_spec["lora"], tp, where)
+        for k, v in te_spec.items():
             # The cache stage builds its cache from this section as written: training from a cache, the section
             # must say what the method trains (online, the method's value simply wins).
             if tp.cache_dir and k in raw["text_encoder"] and raw["text_encoder"][k] != v:
@@ -236,14 +236,9 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
     return RunConfig(tp.method, text, model, loss, tp)
 
 
-def _check_lora(raw_text: dict[str, Any], lora: bool, tp: TrainParams, where: str) -> None:
-    """text_encoder.lora is the method's (a section may state it only with the method's value). LoRA trains online:
-    it changes every layer of the LM, so there are no frozen states to cache; a cache_dir (the params default) is
-    ignored with a warning, and the resolved config says cache_dir ''."""
-    if "lora" in raw_text and raw_text["lora"] != lora:
-        raise ConfigError(f"{where}:text_encoder: lora is {raw_text['lora']!r} but method '{tp.method}' trains with "
-                          f"lora: {json.dumps(lora)}; the method picks it (mean_lora = mean pooling + LoRA), leave "
-                          f"text_encoder.lora out")
+def _lora_online(lora: bool, tp: TrainParams, where: str) -> None:
+    """LoRA (method mean_lora) trains online: it changes every layer of the LM, so there are no frozen states to
+    cache; a cache_dir (the params default) is ignored with a warning, and the resolved config says cache_dir ''."""
     if lora and tp.cache_dir:
         warnings.warn(f"{where}:train: method '{tp.method}' puts LoRA adapters into every layer of the LM, so it "
                       f"trains online: cache_dir '{tp.cache_dir}' is ignored (set train.cache_dir: '' or "
