@@ -249,13 +249,7 @@ class MultiPromptTextEncoder(nn.Module):
         self.head_weight = nn.Parameter(torch.zeros(n, h, d, dtype=dtype, device=device))
         self.head_bias = nn.Parameter(torch.zeros(n, d, dtype=dtype, device=device))
         self.lora_targets = _add_lora(lm, cfg, self.family) if cfg.lora else []
-        lm.requires_grad_(False)
-        if cfg.lora:
-            for _, p in self._lora_parameters():
-                p.requires_grad_(True)
-        else:
-            for layer in self._layers[self.start_layer:]:
-                layer.requires_grad_(True)
+        self._set_trainable()
         self.eval()
         self.reset_parameters()
 
@@ -278,6 +272,14 @@ class MultiPromptTextEncoder(nn.Module):
         enc = lambda s: self.tokenizer(" " + s, add_special_tokens=False)["input_ids"] if s else []
         ids_before = enc(before)
         return ids_before + [self.placeholder_id] + enc(after), len(ids_before)
+
+    def _set_trainable(self) -> None:
+        """requires_grad in the LM: only the LoRA adapters (lora), else the last trainable_layers layers."""
+        self.lm.requires_grad_(False)
+        trainable = [p for _, p in self._lora_parameters()] if self.cfg.lora else [
+            p for layer in self._layers[self.start_layer:] for p in layer.parameters()]
+        for p in trainable:
+            p.requires_grad_(True)
 
     def _lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of the LoRA adapters' A and B matrices in the LM (empty without LoRA)."""
