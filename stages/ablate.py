@@ -12,7 +12,8 @@ The grid: every method in `ablate.methods` with the contrastive kind `ablate.kin
     1. the frozen-LM cache it needs (stages.cache.run_stage), built once per distinct text-encoder layout under
        <root>/caches/<pooling>[-neg]-<hash>: multi_prompt and multi_prompt_div share one (same layout); the
        negation variant needs its own, because the train loop refuses a cache whose manifest `negation` differs
-       (campe.text.cache_manifest.MANIFEST_COMPARED); mean / last_token / single_prompt / defo one each; vanilla none.
+       (campe.text.cache_manifest.MANIFEST_COMPARED); mean / last_token / single_prompt / defo one each; vanilla none;
+       mean_lora none either (LoRA changes every LM layer, so it trains online: train.cache_dir '').
     2. training (campe.train.loop.train) into <root>/<name>/<method>-<kind>/seed<seed>, with train.seed,
        model.init_seed and text_encoder.init_seed all = the seed (a seed changes the init, the data order and
        dropout), the grid's steps/epochs, and nothing else changed: every method gets the same data, steps, lr,
@@ -22,8 +23,9 @@ The grid: every method in `ablate.methods` with the contrastive kind `ablate.kin
        video sets and zero-shot, as picked by `ablate.eval_sets`; metrics JSONs in the cell's eval/ folder, also
        logged into the cell's MLflow run.
     4. <cell>/cell.json (written last, atomically) marks the cell finished; after every cell the table is rewritten
-       from all finished cells: `ablate.table_md` (Markdown) and `ablate.table_csv` (long CSV: variant, method,
-       kind, dataset, metric, mean, std, n, seeds). std is the sample standard deviation (n - 1); empty for n = 1.
+       from all finished cells by stages/ablate_table.py: `ablate.table_md` (Markdown) and `ablate.table_csv` (long
+       CSV: variant, method, kind, dataset, metric, mean, std, n, seeds). std is the sample standard deviation
+       (n - 1); empty for n = 1.
        `ablate.plot` shows the headline metrics per variant: mean bar, std error bar and every seed as a dot;
        beside it, <stem>_aspects.png (text -> image recall by the query caption's aspect mix) and
        <stem>_specialisation.png (per variant with prompt segments, the K x aspect specialisation matrix), with the
@@ -48,13 +50,9 @@ and its hash, like the train stage. It is deliberately not a stage of dvc.yaml: 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
-import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,21 +61,18 @@ from typing import Any, Callable
 
 from campe.core.config import ConfigError, from_dict
 from campe.train.run_config import TRAIN_SECTIONS
-from campe.core.io import atomic_write_bytes, atomic_write_json, json_sha256, output_lock, store_uri
+from campe.core.io import atomic_write_json, json_sha256, output_lock, store_uri
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "the ablation table: methods x softmax/sigmoid x seeds, mean ± std (resumable)"
 
-ALL_METHODS = ["vanilla", "mean", "last_token", "single_prompt", "defo", "multi_prompt", "multi_prompt_div",
-               "multi_prompt_div_neg"]
+ALL_METHODS = ["vanilla", "mean", "mean_lora", "last_token", "single_prompt", "defo", "multi_prompt",
+               "multi_prompt_div", "multi_prompt_div_neg"]
 KINDS = ("softmax", "sigmoid")
 EVAL_SETS = ("image", "video", "zero_shot")
 SECTIONS = (*TRAIN_SECTIONS, "cache", "evaluate")
 CELL_FILE = "cell.json"
 FIDELITY_SET = "text_fidelity"  # the table section of the prompt diagnostics (can the K prompts differ at all?)
-# Metrics shown in the Markdown table of a retrieval set (the CSV has every metric of the eval records).
-TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
-                 "v2t_R@1", "v2t_R@5", "v2t_R@10", "t2v_R@1", "t2v_R@5", "t2v_R@10", "rsum")
 
 
 @dataclass
@@ -133,7 +128,7 @@ class AblateParams:
     def _validate_axes(self) -> None:
         from campe.text.multiprompt import MultiPromptConfig
         fields = {f.name for f in dataclasses.fields(MultiPromptConfig)} - {"pooling", "negation", "init_seed",
-                                                                             "embed_dim", "model_path"}
+                                                                             "embed_dim", "model_path", "lora"}
         for name, values in self.axes.items():
             if name not in fields:
                 raise ValueError(f"axes: '{name}' is not a text_encoder field an axis can vary; one of: "
@@ -192,6 +187,8 @@ def cell_sections(ap: AblateParams, base: dict[str, dict], cell: Cell) -> dict[s
     te = METHODS[cell.method]["text_encoder"]
     if te is not None:
         s["text_encoder"].update(te)  # the cache is built from this section as written (the run config checks it)
+    if s["text_encoder"].get("lora"):  # LoRA changes every LM layer: it trains online, no cache is built for it
+        s["train"]["cache_dir"] = ""
     if cell.axis:
         s["text_encoder"][cell.axis] = cell.value
     s["text_encoder"]["init_seed"] = cell.seed
@@ -219,6 +216,8 @@ def layout_key(text_encoder: Any) -> str:
     d = dataclasses.asdict(text_encoder)
     d.pop("init_seed")  # APT and head init: not in the cached frozen states (nor is D, model.embed_dim)
     for k in ("apt_entry", "apt_init_noise"):  # where the APT enters and its init: not in the frozen states either
+        d.pop(k)
+    for k in ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets"):  # LoRA trains online: never cached
         d.pop(k)
     if d["apt_placeholder"] == "shared":  # the default: the key a cache folder had before the switch existed
         d.pop("apt_placeholder")
@@ -258,8 +257,6 @@ def _eval_device(train_device: str) -> str:
 def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, caches_done: set[str],
              log: Callable[[str], None]) -> dict[str, Any]:
     """Cache (if needed), train, evaluate one cell; returns its record (also written to <cell>/cell.json)."""
-    from campe.train.checkpoint import FINAL, RUN_ID_FILE
-    from campe.train.loop import train
     from campe.train.run_config import resolve_run_config
     from stages.evaluate import eval_params_hash, run_stage
 
@@ -268,16 +265,47 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
     cfg.base_dir = os.path.dirname(os.path.abspath(where)) if os.path.isfile(where) else ""  # the params file's
     ep = _eval_params(ap, base, out, where)
     config_hash = f"{cfg.hash(runtime=False)}-{eval_params_hash(dataclasses.replace(ep, checkpoint=''))}"
-    record_path = out / CELL_FILE
-    if record_path.exists():
-        rec = json.loads(record_path.read_text())
-        if rec.get("config_hash") != config_hash:
-            raise ConfigError(f"{record_path}: this cell was finished with other params (hash {rec.get('config_hash')}"
-                              f", now {config_hash}); set another ablate.name or delete {out} to redo it")
-        rec["skipped"] = True
-        return rec
-
+    finished = _finished_record(out, config_hash)
+    if finished is not None:
+        return finished
     timings: dict[str, float] = {}
+    _ensure_caches(ap, base, cfg, ep, where, caches_done, timings, log)
+    steps = _train_cell(cfg, out, timings)
+    run_id = _tag_mlflow_run(ap, cell, cfg, out)
+    t0 = time.perf_counter()
+    results = run_stage(ep, device=_eval_device(cfg.train.device), base_dir=cfg.base_dir or None)
+    timings["eval_s"] = round(time.perf_counter() - t0, 1)
+    rec = {"variant": cell.variant, "method": cell.method, "kind": cell.kind, "seed": cell.seed,
+           "axis": cell.axis, "value": cell.value,
+           "config_hash": config_hash, "steps": steps, "mlflow_run_id": run_id, "timings": timings,
+           "metrics_files": {name: str(Path(ep.metrics_dir) / f"{name}.json") for name in results},
+           "metrics": {name: r["record"]["metrics"] for name, r in results.items()}}
+    fidelity = _fidelity(out)
+    if fidelity:
+        rec["metrics"][FIDELITY_SET] = fidelity
+    rec["metrics"]["training"] = _training_record(out, steps)
+    atomic_write_json(out / CELL_FILE, rec)
+    return rec
+
+
+def _finished_record(out: Path, config_hash: str) -> dict[str, Any] | None:
+    """The cell's record marked skipped when it was finished with this config; None when it is not finished; an
+    error when it was finished with other params (results of two configs are never mixed)."""
+    record_path = out / CELL_FILE
+    if not record_path.exists():
+        return None
+    rec = json.loads(record_path.read_text())
+    if rec.get("config_hash") != config_hash:
+        raise ConfigError(f"{record_path}: this cell was finished with other params (hash {rec.get('config_hash')}"
+                          f", now {config_hash}); set another ablate.name or delete {out} to redo it")
+    rec["skipped"] = True
+    return rec
+
+
+def _ensure_caches(ap: AblateParams, base: dict[str, dict], cfg: Any, ep: Any, where: str, caches_done: set[str],
+                   timings: dict[str, float], log: Callable[[str], None]) -> None:
+    """The frozen-LM cache of the cell's layout (LM methods that train from a cache; points cfg.train.cache_dir at
+    it) and, for the locked image tower, the shared feature cache: each built once per process."""
     if cfg.text_encoder is not None and cfg.train.cache_dir:
         from stages.cache import CacheParams, run_stage as cache_stage
         cache_out = Path(ap.root) / "caches" / layout_key(cfg.text_encoder)
@@ -291,22 +319,30 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
             timings["cache_s"] = round(time.perf_counter() - t0, 1)
             log(f"  cache {cache_out.name}: {summary['shards_written']} shards written, "
                 f"{summary['shards_skipped']} reused ({timings['cache_s']} s)")
-
     if cfg.train.image_tower == "locked" and "image_features" not in caches_done:
         t0 = time.perf_counter()
         _locked_features(cfg, ep)
         caches_done.add("image_features")
         timings["features_s"] = round(time.perf_counter() - t0, 1)
 
+
+def _train_cell(cfg: Any, out: Path, timings: dict[str, float]) -> int | None:
+    """Train the cell (resuming a killed one from its checkpoint) unless its final model is there; -> its steps."""
+    from campe.train.checkpoint import FINAL
+    from campe.train.loop import train
     t0 = time.perf_counter()
     trained = (out / FINAL).exists() and (out / "train_config.json").exists() and json.loads(
         (out / "train_config.json").read_text()).get("resume_hash") == cfg.hash(runtime=False)
     if not trained:  # resume=True: a cell killed mid-training continues from its last checkpoint
         summary = train(cfg, resume=True)
         timings["train_s"] = round(time.perf_counter() - t0, 1)
-        steps = summary["step"]
-    else:
-        steps = json.loads((out / "metrics.json").read_text())["steps"] if (out / "metrics.json").exists() else None
+        return summary["step"]
+    return json.loads((out / "metrics.json").read_text())["steps"] if (out / "metrics.json").exists() else None
+
+
+def _tag_mlflow_run(ap: AblateParams, cell: Cell, cfg: Any, out: Path) -> str | None:
+    """Tag the cell's MLflow run (made by the train loop) with the ablation, the cell, seed and loss kind."""
+    from campe.train.checkpoint import RUN_ID_FILE
     run_id = (out / RUN_ID_FILE).read_text().strip() if (out / RUN_ID_FILE).exists() else None
     if run_id and cfg.train.tracking_uri:
         from mlflow.tracking import MlflowClient
@@ -314,21 +350,7 @@ def run_cell(ap: AblateParams, base: dict[str, dict], cell: Cell, where: str, ca
         for k, v in {"ablation": ap.name, "ablation_cell": cell.variant, "seed": str(cell.seed),
                      "loss_kind": cell.kind}.items():
             client.set_tag(run_id, k, v)
-
-    t0 = time.perf_counter()
-    results = run_stage(ep, device=_eval_device(cfg.train.device), base_dir=cfg.base_dir or None)
-    timings["eval_s"] = round(time.perf_counter() - t0, 1)
-    rec = {"variant": cell.variant, "method": cell.method, "kind": cell.kind, "seed": cell.seed,
-           "axis": cell.axis, "value": cell.value,
-           "config_hash": config_hash, "steps": steps, "mlflow_run_id": run_id, "timings": timings,
-           "metrics_files": {name: str(Path(ep.metrics_dir) / f"{name}.json") for name in results},
-           "metrics": {name: r["record"]["metrics"] for name, r in results.items()}}
-    fidelity = _fidelity(out)
-    if fidelity:
-        rec["metrics"][FIDELITY_SET] = fidelity
-    rec["metrics"]["training"] = _training_record(out, steps)
-    atomic_write_json(record_path, rec)
-    return rec
+    return run_id
 
 
 def _locked_features(cfg: Any, ep: Any) -> None:
@@ -356,8 +378,6 @@ def _training_record(out: Path, steps: int | None) -> dict[str, float]:
     return rec
 
 
-# ------------------------------------------------------------------------------------------------ the table
-
 def finished_records(ap: AblateParams) -> list[dict[str, Any]]:
     """cell.json of every finished cell of the grid (grid order)."""
     out = []
@@ -366,173 +386,6 @@ def finished_records(ap: AblateParams) -> list[dict[str, Any]]:
         if p.exists():
             out.append(json.loads(p.read_text()))
     return out
-
-
-def summarize(records: list[dict[str, Any]], variants: list[str], references: dict[str, str] | None = None
-              ) -> list[dict[str, Any]]:
-    """Per (variant, dataset, metric): mean, sample std (NaN for one seed), the 95 % t interval (ci_low, ci_high),
-    n and the seeds; and for each reference {name: its variant}, the paired difference variant - reference over the
-    seeds both have (d_<name>, d_<name>_low, d_<name>_high, d_<name>_n; campe.core.stats)."""
-    from campe.core.stats import mean_ci, paired_difference
-    per: dict[tuple[str, str, str], dict[int, float]] = {}  # (variant, dataset, metric) -> {seed: value}
-    for r in records:
-        for ds, m in r["metrics"].items():
-            for metric, v in m.items():
-                per.setdefault((r["variant"], ds, metric), {})[r["seed"]] = float(v)
-    rows = []
-    for v in variants:
-        recs = [r for r in records if r["variant"] == v]
-        if not recs:
-            continue
-        for (var, ds, metric), by_seed in per.items():
-            if var != v:
-                continue
-            seeds = sorted(by_seed)
-            st = mean_ci([by_seed[x] for x in seeds])
-            row = {"variant": v, "method": recs[0]["method"], "kind": recs[0]["kind"], "dataset": ds,
-                   "metric": metric, "mean": st["mean"], "std": st["std"], "ci_low": st["low"],
-                   "ci_high": st["high"], "n": st["n"], "seeds": seeds}
-            for name, ref in (references or {}).items():
-                d = None if ref == v else paired_difference(by_seed, per.get((ref, ds, metric), {}))
-                row.update({f"d_{name}": d["mean"] if d else math.nan, f"d_{name}_low": d["low"] if d else math.nan,
-                            f"d_{name}_high": d["high"] if d else math.nan, f"d_{name}_n": d["n"] if d else 0})
-            rows.append(row)
-    return rows
-
-
-CSV_FIELDS = ("variant", "method", "kind", "dataset", "metric", "mean", "std", "ci_low", "ci_high", "n", "seeds")
-
-
-def reference_variants(ap: AblateParams) -> dict[str, str]:
-    """{reference method: its variant} for the paired differences (kinds[0])."""
-    return {m: f"{m}-{ap.kinds[0]}" for m in ap.references}
-
-
-def _num(x: Any) -> str:
-    return "" if isinstance(x, float) and math.isnan(x) else repr(x)
-
-
-def table_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    extra = [k for k in (rows[0] if rows else {}) if k.startswith("d_")]
-    w = csv.DictWriter(buf, fieldnames=[*CSV_FIELDS, *extra], lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({**{k: _num(v) for k, v in r.items()}, "variant": r["variant"], "method": r["method"],
-                    "kind": r["kind"], "dataset": r["dataset"], "metric": r["metric"], "n": r["n"],
-                    "seeds": " ".join(map(str, r["seeds"]))})
-    return buf.getvalue()
-
-
-def _cell_text(r: dict[str, Any] | None, digits: int = 2) -> str:
-    if r is None:
-        return "-"
-    m, s = r["mean"], r["std"]
-    return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def _ci_text(mean: float, low: float, high: float) -> str:
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:+.2f}" if math.isnan(low) else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
-
-
-def _headline_rows(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(dataset, metric) pairs of the paired-difference table: each retrieval set's rsum, each zero-shot top-1."""
-    seen = dict.fromkeys((r["dataset"], r["metric"]) for r in rows)
-    return [(ds, m) for ds, m in seen if m == "rsum" or m.endswith("_top1")]
-
-
-def paired_markdown(rows: list[dict[str, Any]], refs: dict[str, str]) -> list[str]:
-    """The headline table: per headline metric and variant, mean ± std [95 % CI] and the paired differences."""
-    lines = ["## Paired differences (headline)", "",
-             "Mean ± std over seeds with its 95 % t interval; Δ = the paired difference against each reference "
-             "(same seed: same initialisation and data order), mean [95 % t interval of the per-seed "
-             "differences]. An interval that excludes 0 is a difference the seeds resolve.", ""]
-    names = list(refs)
-    lines += ["| set | metric | method | loss | mean ± std | 95 % CI | " + " | ".join(f"Δ vs {n}" for n in names)
-              + " | n |", "|---|---|---|---|---:|---:|" + "---:|" * len(names) + "---:|"]
-    for ds, metric in _headline_rows(rows):
-        for r in (x for x in rows if x["dataset"] == ds and x["metric"] == metric):
-            ci = "-" if math.isnan(r["ci_low"]) else f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
-            deltas = [_ci_text(r[f"d_{n}"], r[f"d_{n}_low"], r[f"d_{n}_high"]) for n in names]
-            lines.append(f"| {ds} | {metric} | {r['variant'].split('-', 1)[0]} | {r['variant'].split('-', 1)[1]} | "
-                         f"{_cell_text(r)} | {ci} | " + " | ".join(deltas) + f" | {r['n']} |")
-    return lines + [""]
-
-
-def table_markdown(rows: list[dict[str, Any]], ap: AblateParams, cells_done: int, cells_total: int) -> str:
-    """The paired-difference table, then one table per eval set (and the schedule reached, "training"; the aspect
-    tables under each retrieval set): rows = variants, columns = metrics (mean ± std over seeds), n and seeds."""
-    from stages.ablate_aspects import aspect_tables
-    schedule = ('steps ' + str(ap.steps) if ap.steps else ('epochs ' + str(ap.epochs) if ap.epochs
-                                                          else 'the train section schedule'))
-    if ap.patience:
-        schedule = f"early stopping (patience {ap.patience} val-loss evaluations), at most {schedule}"
-    lines = [f"# Ablation `{ap.name}`", "",
-             f"{cells_done} of {cells_total} cells finished. Every cell: same data, {schedule}"
-             f", lr, batch; image tower {ap.image_tower or 'of the train section'}; seeds {ap.seeds} "
-             f"(train.seed = model.init_seed = text_encoder.init_seed). "
-             f"Values: mean ± sample std over seeds (n - 1), in % for recalls. "
-             f"Generated by `campe ablate` (stages/ablate.py).", ""]
-    refs = {n: v for n, v in reference_variants(ap).items() if any(r["variant"] == v for r in rows)}
-    if refs and _headline_rows(rows):
-        lines += paired_markdown(rows, refs)
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    for ds in datasets:
-        sub = [r for r in rows if r["dataset"] == ds]
-        names = list(dict.fromkeys(r["metric"] for r in sub))
-        shown = [m for m in TABLE_METRICS if m in names] or [m for m in names if "rank" not in m]
-        lines += [f"## {ds}", ""]
-        if ds == FIDELITY_SET:
-            lines += ["Can the K prompts differ at all (campe/text/diagnostics.py, trained model, 64 fixed val "
-                      "captions): mean pairwise cosine of the K pooled LM states (raw, and centred over the "
-                      "captions), the APTs' relative movement ||apt - apt0|| / ||apt0|| and their pairwise cosine.",
-                      ""]
-        lines += ["| method | loss | " + " | ".join(shown) + " | n | seeds |",
-                  "|---|---|" + "---:|" * len(shown) + "---:|---|"]
-        for v in dict.fromkeys(r["variant"] for r in sub):
-            by = {r["metric"]: r for r in sub if r["variant"] == v}
-            any_r = next(iter(by.values()))
-            n = max(r["n"] for r in by.values())
-            seeds = max((r["seeds"] for r in by.values()), key=len)
-            digits = 4 if ds == FIDELITY_SET else 2  # a cosine of 0.9999 vs 0.99 is the finding
-            lines.append(f"| {any_r['method']} | {v.split('-', 1)[1]} | "
-                         + " | ".join(_cell_text(by.get(m), digits) for m in shown)
-                         + f" | {n} | {' '.join(map(str, seeds))} |")
-        lines.append("")
-        lines += aspect_tables(sub, ds)  # issue 15 §4: by aspect mix, re-weighting, specialisation (when measured)
-    return "\n".join(lines)
-
-
-def plot_panels(records: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, list[float]]]:
-    """The picture's panels, {"<set> <metric>": {variant: [value of each finished seed]}}: a retrieval set's rsum
-    (sum of its six recalls), a zero-shot set's top-1 accuracies."""
-    datasets = list(dict.fromkeys(ds for r in records for ds in r["metrics"]))
-    panels: dict[str, dict[str, list[float]]] = {}
-    for ds in datasets:
-        names = list(dict.fromkeys(m for r in records for m in r["metrics"].get(ds, {})))
-        for metric in ["rsum"] if "rsum" in names else [m for m in names if m.endswith("_top1")]:
-            by = {v: [r["metrics"][ds][metric] for r in records
-                      if r["variant"] == v and metric in r["metrics"].get(ds, {})] for v in variants}
-            panels[f"{ds} {metric}"] = {v: vals for v, vals in by.items() if vals}
-    return panels
-
-
-def write_tables(ap: AblateParams) -> list[dict[str, Any]]:
-    records = finished_records(ap)
-    rows = summarize(records, variants_of(ap), reference_variants(ap))
-    atomic_write_bytes(ap.table_csv, table_csv(rows).encode())
-    atomic_write_bytes(ap.table_md, table_markdown(rows, ap, len(records), len(grid(ap))).encode())
-    panels = plot_panels(records, variants_of(ap))
-    if ap.plot and panels:
-        from campe.plots import seed_spread_bars
-        seed_spread_bars(panels, ap.plot, title=f"ablation {ap.name}: mean ± std over seeds, dots = seeds "
-                                                f"({len(records)}/{len(grid(ap))} cells)")
-    if ap.plot:
-        from stages.ablate_aspects import write_aspect_plots
-        write_aspect_plots(ap, records, rows)
-    return rows
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -551,6 +404,7 @@ def run_ablation(ap: AblateParams, base: dict[str, dict], where: str = "params",
 
 
 def _run_grid(ap: AblateParams, base: dict[str, dict], where: str, log: Callable[[str], None]) -> dict[str, Any]:
+    from stages.ablate_table import write_tables
     cells = grid(ap)
     caches_done: set[str] = set()
     ran = skipped = 0
@@ -610,6 +464,7 @@ def run(args: argparse.Namespace) -> int:
                                  if m in args.methods]
     ap = from_dict(AblateParams, {**raw, **over}, f"{args.params}:ablate")
     if args.table_only:
+        from stages.ablate_table import write_tables
         ap.validate()
         rows = write_tables(ap)
         print(json.dumps({"rows": len(rows), "table_md": ap.table_md, "table_csv": ap.table_csv, "plot": ap.plot}))

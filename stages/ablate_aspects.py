@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def _cell_text(r: dict[str, Any] | None) -> str:
-    from stages.ablate import _cell_text as text  # one format for every table of the ablation
+    from stages.ablate_table import _cell_text as text  # one format for every table of the ablation
     return text(r)
 
 

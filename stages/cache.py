@@ -241,6 +241,9 @@ def run_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, embed_dim: int
     building it from `text_encoder` (tests pass tiny models). `embed_dim` (model.embed_dim) only sizes the heads,
     which the cache never runs."""
     p.validate()
+    if text_encoder.lora:
+        raise CacheError("text_encoder.lora (method mean_lora): LoRA changes every layer of the LM during training, "
+                         "so there are no frozen states to cache; train it online (train.cache_dir: '')")
     if on_mismatch not in MISMATCH:
         raise ValueError(f"on_mismatch must be one of {MISMATCH}, got {on_mismatch!r}")
     rank = _env_int("RANK", 0) if rank is None else rank

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import ablate
+from stages import ablate, ablate_table
 from stages.ablate import AblateParams, Cell, grid, layout_key
 from campe.core.config import ConfigError
 from campe.train.run_config import resolve_run_config
@@ -110,7 +110,7 @@ def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
             per.setdefault((c.variant, ds), []).append(rec["metrics"])
     rows = list(csv.DictReader(io.StringIO(Path(ap.table_csv).read_text())))
     paired = {f"d_{ref}{end}" for ref in ("mean", "vanilla") for end in ("", "_low", "_high", "_n")}
-    assert rows and set(rows[0]) == set(ablate.CSV_FIELDS) | paired
+    assert rows and set(rows[0]) == set(ablate_table.CSV_FIELDS) | paired
     got = {(r["variant"], r["dataset"], r["metric"]): r for r in rows}
     # Paired difference against vanilla: per seed, method - vanilla, then mean and its t interval (n = 2)
     for metric in ("rsum", "i2t_R@1"):
@@ -136,7 +136,7 @@ def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
         "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"}
 
     # The picture's panels hold every seed's value, as in the metrics files; the PNG is written.
-    panels = ablate.plot_panels(ablate.finished_records(ap), ablate.variants_of(ap))
+    panels = ablate_table.plot_panels(ablate.finished_records(ap), ablate.variants_of(ap))
     assert set(panels) == {"gen rsum", "gen_video rsum"}
     for (variant, ds), ms in per.items():
         assert panels[f"{ds} rsum"][variant] == [m["rsum"] for m in ms]
@@ -313,3 +313,25 @@ def test_axes_add_cells_of_their_methods_and_cells_set_the_protocol(base, tmp_pa
     for bad in ({"axes": {"pooling": ["mean"]}}, {"axis_methods": ["vanilla"]}, {"references": ["nope"]}):
         with pytest.raises(ValueError):
             _ap(tmp_path, **{"axes": {"k": [2]}, **bad}).validate()
+
+
+def test_mean_lora_is_in_the_grid_and_its_cell_trains_online_without_a_cache(base, tmp_path):
+    """LoRA changes every LM layer, so the ablation builds no text cache for mean_lora: its cell trains online."""
+    from campe.core.config import read_yaml
+    assert ablate.ALL_METHODS.index("mean_lora") == ablate.ALL_METHODS.index("mean") + 1
+    listed = read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")["ablate"]["methods"]
+    assert listed.index("mean_lora") == listed.index("mean") + 1
+    ap = _ap(tmp_path, methods=["mean_lora"], seeds=[0], steps=2, eval_sets=["image"])
+    cell = grid(ap)[0]
+    assert cell.variant == "mean_lora-softmax"
+    s = ablate.cell_sections(ap, base, cell)
+    assert s["train"]["cache_dir"] == "" and s["text_encoder"]["lora"] is True
+    cfg = resolve_run_config(s)  # no warning about an ignored cache_dir: the cell states it trains online
+    assert cfg.text_encoder.lora and cfg.text_encoder.pooling == "mean" and cfg.train.cache_dir == ""
+    lines: list[str] = []
+    out = ablate.run_ablation(ap, base, "test", log=lines.append)
+    assert out["ran"] == 1
+    rec = json.loads((ablate.cell_dir(ap, cell) / ablate.CELL_FILE).read_text())
+    assert "cache_s" not in rec["timings"] and rec["steps"] == 2 and rec["metrics"]["gen"]["rsum"] >= 0
+    assert not (Path(ap.root) / "caches").exists()
+    assert "mean_lora" in Path(ap.table_md).read_text()

@@ -186,6 +186,9 @@ class CachedTextTower(nn.Module):
                                  "open_training_data with a cache_dir); build it with online=True to run the frozen "
                                  "layers itself")
             hidden = enc.entry_hidden(layout, masks)  # no_grad inside
+        elif enc.cfg.lora:
+            raise ValueError("text_encoder.lora puts trainable adapters into every layer of the LM, so cached states "
+                             "cannot be used: train online (train.cache_dir: '' / --cache none)")
         elif enc.entry_layer != enc.start_layer:
             raise ValueError("text_encoder.apt_entry 'input' sends gradients through the frozen layers, so cached "
                              "states cannot be used: train online (train.cache_dir: '' / --cache none)")

@@ -42,6 +42,14 @@ the vocabulary's i-th reserved/unused token where it has them (BERT's [unused0].
 replaced by K fixed vectors drawn with a fixed seed from the statistics of the embedding matrix
 (`placeholder_embeds`). The cached states of the K prompts then differ; the single masked pass is still exact.
 
+LoRA (`lora`, the method mean_lora: the paper's strongest baseline). peft's LoRA adapters on `lora_targets` of every
+LM layer (default: the attention query and value projections, named per architecture as peft's target_modules
+names them: BERT's query/value, a decoder's q_proj/v_proj); the LM's own weights all stay frozen (trainable_layers
+does not apply) and train only the adapters (A [r, in] seeded from init_seed, B [out, r] = 0 so the LM starts
+unchanged) and the heads. LoRA changes every layer's output, so nothing below the heads can be cached: it trains
+online only (start_layer = entry_layer = 0). The frozen LM stays in eval mode; only the adapters' dropout follows
+train().
+
 Pooling: multi_prompt (last token of each prompt -> per-prompt linear head to D/K -> concatenate -> L2-normalise),
 single_prompt (the same with K=1), last_token (caption's last token), mean (mean over caption tokens), defo (caption
 followed by M lone APT tokens, each a one-token prompt, pooled like multi_prompt over the M tokens).
@@ -50,7 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -72,6 +80,8 @@ APT_ENTRIES = ("first_trainable", "input")
 # Reserved/unused vocabulary entries, tried in this order; `distinct` takes entries 0..K-1 of the first pattern that
 # has them all (BERT/WordPiece, Gemma, Llama 3, T5-style sentinels).
 RESERVED_TOKEN_PATTERNS = ("[unused{}]", "<unused{}>", "<|reserved_special_token_{}|>", "<extra_id_{}>")
+# LoRA's default targets per architecture (peft's target_modules names: the attention query and value projections).
+LORA_TARGETS = {"encoder": ["query", "value"], "decoder": ["q_proj", "v_proj"]}
 PLACEHOLDER_SEED = 1234  # the fallback's fixed placeholder embeddings: never the init seed (they are cached)
 
 
@@ -97,6 +107,12 @@ class MultiPromptConfig:
     apt_placeholder: str = "shared"  # shared | distinct: the token under each APT below the entry layer (see above)
     apt_entry: str = "first_trainable"  # first_trainable (cacheable) | input (gradients through the frozen layers)
     apt_init_noise: float = 0.02  # APT i starts at its placeholder's state at the entry layer + this x its std noise
+    lora: bool = False  # LoRA adapters on the frozen LM, trained online (set by method mean_lora; see above)
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scaling alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: list[str] = field(default_factory=list)  # module names in each layer (peft target_modules);
+    # [] = the attention query and value projections of the architecture (LORA_TARGETS)
 
     @property
     def n_prompts(self) -> int:
@@ -138,6 +154,11 @@ class MultiPromptConfig:
             raise ValueError(f"apt_placeholder '{self.apt_placeholder}' is not one of: {', '.join(APT_PLACEHOLDERS)}")
         if self.apt_entry not in APT_ENTRIES:
             raise ValueError(f"apt_entry '{self.apt_entry}' is not one of: {', '.join(APT_ENTRIES)}")
+        if self.lora_r < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_r must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1), got {self.lora_r}, "
+                             f"{self.lora_alpha}, {self.lora_dropout}")
+        if not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise ValueError(f"lora_targets must be module names (e.g. [query, value]), got {self.lora_targets}")
         if not 0.0 <= self.apt_init_noise <= 10.0:
             raise ValueError(f"apt_init_noise must be in [0, 10] (noise std relative to the placeholder state's "
                              f"std), got {self.apt_init_noise}")
@@ -166,9 +187,8 @@ class MultiPromptTextEncoder(nn.Module):
         self._read_architecture(lm)
         reserved = self._build_prompts()
         self._build_parameters(reserved)
-        lm.requires_grad_(False)
-        for layer in self._layers[self.start_layer:]:
-            layer.requires_grad_(True)
+        self.lora_targets = _add_lora(lm, cfg, self.family) if cfg.lora else []
+        self._set_trainable()
         self.eval()
         self.reset_parameters()
 
@@ -192,7 +212,8 @@ class MultiPromptTextEncoder(nn.Module):
         if cfg.trainable_layers > self.num_layers:
             raise ValueError(f"trainable_layers ({cfg.trainable_layers}) exceeds the model's {self.num_layers} "
                              f"layers; use 1..{self.num_layers}")
-        self.start_layer = self.num_layers - cfg.trainable_layers
+        # LoRA: every layer has trainable adapters, so the whole LM runs with autograd (nothing cacheable).
+        self.start_layer = 0 if cfg.lora else self.num_layers - cfg.trainable_layers
         # Per layer: the sliding window it attends with (Gemma2/Qwen2 via layer_types, Mistral for all layers).
         window = getattr(c, "sliding_window", None)
         types = getattr(c, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * self.num_layers
@@ -241,7 +262,7 @@ class MultiPromptTextEncoder(nn.Module):
         fallback = cfg.apt_placeholder == "distinct" and reserved is None and p > 0
         self.register_buffer("placeholder_embeds", _seeded_embeddings(self.lm, p) if fallback else None,
                              persistent=False)
-        self.entry_layer = 0 if cfg.apt_entry == "input" else self.start_layer
+        self.entry_layer = 0 if cfg.apt_entry == "input" else self.start_layer  # (0 with LoRA too)
         self.apt = nn.Parameter(torch.zeros(p, h, dtype=dtype, device=device)) if p else None
         # Where each APT started (rebuilt by reset_parameters, not saved): for the relative-movement diagnostic.
         self.register_buffer("apt_init", torch.zeros(p, h, dtype=dtype, device=device) if p else None,
@@ -270,9 +291,26 @@ class MultiPromptTextEncoder(nn.Module):
         ids_before = enc(before)
         return ids_before + [self.placeholder_id] + enc(after), len(ids_before)
 
+    def _set_trainable(self) -> None:
+        """requires_grad in the LM: only the LoRA adapters (lora), else the last trainable_layers layers."""
+        self.lm.requires_grad_(False)
+        trainable = [p for _, p in self._lora_parameters()] if self.cfg.lora else [
+            p for layer in self._layers[self.start_layer:] for p in layer.parameters()]
+        for p in trainable:
+            p.requires_grad_(True)
+
+    def _lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the LoRA adapters' A and B matrices in the LM (empty without LoRA)."""
+        return [(n, p) for n, p in self.lm.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
     def train(self, mode: bool = True) -> MultiPromptTextEncoder:
         super().train(mode)
         self.lm.eval()  # frozen parts stay deterministic (dropout off), as in the cache
+        if self.cfg.lora:  # the frozen LM stays in eval mode; only the adapters' dropout follows the mode
+            for name, module in self.lm.named_modules():
+                if name.endswith(".lora_dropout"):
+                    module.train(mode)
+            return self
         for layer in self._layers[self.start_layer:]:
             layer.train(mode)
         return self
@@ -287,6 +325,12 @@ class MultiPromptTextEncoder(nn.Module):
         bound = 1 / math.sqrt(h)
         for t in (self.head_weight, self.head_bias):
             t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float32).mul_(2 * bound).sub_(bound))
+        for name, p in self._lora_parameters():  # A as peft's default (kaiming-uniform), seeded; B = 0
+            if ".lora_A." in name:
+                b = 1 / math.sqrt(p.shape[1])
+                p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float32).mul_(2 * b).sub_(b))
+            else:
+                p.zero_()
         if self.apt is not None:
             layout = self.layout(["a photo."])
             entry = self.entry_hidden(layout)
@@ -436,6 +480,21 @@ def _put_rows(hidden: torch.Tensor, layout: PromptLayout, vals: torch.Tensor) ->
     if layout.neg_apt_positions is not None:
         hidden[rows, layout.neg_apt_positions] = vals  # the negated prompt shares its prompt's APT
     return hidden
+
+
+def _add_lora(lm: nn.Module, cfg: MultiPromptConfig, family: str) -> list[str]:
+    """Put peft's LoRA adapters (adapter "default") into `lm` in place on cfg.lora_targets (or the family's
+    LORA_TARGETS); returns the target names. The LM keeps its class, so the encoder's layer access is unchanged."""
+    from peft import LoraConfig, inject_adapter_in_model
+    targets = list(cfg.lora_targets) or LORA_TARGETS[family]
+    names = {n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ValueError(f"text_encoder.lora_targets {missing} name no linear layer of {type(lm).__name__}; its "
+                         f"linear layers: {', '.join(sorted(names))}")
+    inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                       target_modules=targets, bias="none"), lm)
+    return targets
 
 
 def reserved_tokens(tokenizer: Any, n: int) -> list[int] | None:

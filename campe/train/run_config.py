@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,8 @@ _NO_AUX = {"lambda_div": 0.0, "lambda_neg": 0.0}
 METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {"text_encoder": None, "model": {"text_tower_kind": "vanilla"}, "loss": _NO_AUX},
     "mean": {"text_encoder": {"pooling": "mean", "negation": False}, "loss": _NO_AUX},  # LM + mean pool
+    # mean pooling with LoRA adapters on the frozen LM (peft), the paper's strongest baseline: online only
+    "mean_lora": {"text_encoder": {"pooling": "mean", "negation": False, "lora": True}, "loss": _NO_AUX},
     "last_token": {"text_encoder": {"pooling": "last_token", "negation": False}, "loss": _NO_AUX},
     "single_prompt": {"text_encoder": {"pooling": "single_prompt", "negation": False}, "loss": _NO_AUX},
     "defo": {"text_encoder": {"pooling": "defo", "negation": False}, "loss": _NO_AUX},  # M lone learned tokens
@@ -135,7 +138,9 @@ RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_wor
 HASHED_IF_NOT = {("text_encoder", "apt_placeholder"): "shared", ("text_encoder", "apt_entry"): "first_trainable",
                  ("text_encoder", "apt_init_noise"): 0.02, ("loss", "div_space"): "heads",
                  ("train", "apt_lr_mult"): 1.0, ("train", "image_tower"): "scratch", ("train", "patience"): 0,
-                 ("train", "val_every"): 0}
+                 ("train", "val_every"): 0, ("text_encoder", "lora"): False, ("text_encoder", "lora_r"): 8,
+                 ("text_encoder", "lora_alpha"): 16, ("text_encoder", "lora_dropout"): 0.0,
+                 ("text_encoder", "lora_targets"): []}
 
 
 @dataclass
@@ -205,7 +210,9 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
     model = from_dict(ModelConfig, model_fields, f"{where}:model")
     text = None
     if spec["text_encoder"] is not None:
-        for k, v in spec["text_encoder"].items():
+        te_spec = {"lora": False, **spec["text_encoder"]}  # lora belongs to the method (mean_lora), like pooling
+        _lora_online(te_spec["lora"], tp, where)
+        for k, v in te_spec.items():
             # The cache stage builds its cache from this section as written: training from a cache, the section
             # must say what the method trains (online, the method's value simply wins).
             if tp.cache_dir and k in raw["text_encoder"] and raw["text_encoder"][k] != v:
@@ -214,7 +221,7 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
                                   f"(campe cache builds the cache from this section), or train online "
                                   f"(train.cache_dir: '' / --cache none)")
         where_text = f"{where}:text_encoder (method '{tp.method}')"
-        text = from_dict(MultiPromptConfig, {**raw["text_encoder"], **spec["text_encoder"]}, where_text)
+        text = from_dict(MultiPromptConfig, {**raw["text_encoder"], **te_spec}, where_text)
         try:
             text.check_embed_dim(model.embed_dim)
         except ValueError as e:
@@ -226,6 +233,16 @@ def resolve_run_config(sections: dict[str, dict[str, Any] | None], where: str = 
     else:
         from_dict(MultiPromptConfig, raw["text_encoder"], f"{where}:text_encoder")  # still a valid section
     return RunConfig(tp.method, text, model, loss, tp)
+
+
+def _lora_online(lora: bool, tp: TrainParams, where: str) -> None:
+    """LoRA (method mean_lora) trains online: it changes every layer of the LM, so there are no frozen states to
+    cache; a cache_dir (the params default) is ignored with a warning, and the resolved config says cache_dir ''."""
+    if lora and tp.cache_dir:
+        warnings.warn(f"{where}:train: method '{tp.method}' puts LoRA adapters into every layer of the LM, so it "
+                      f"trains online: cache_dir '{tp.cache_dir}' is ignored (set train.cache_dir: '' or "
+                      f"`campe train --cache none` to silence this)", stacklevel=3)
+        tp.cache_dir = ""
 
 
 def _check_derived(raw: dict[str, dict], model_fields: dict, method: str, where: str) -> None:
