@@ -8,6 +8,7 @@
     campe prompt-learn grid --out /tmp/grid           # the comparison: 9 variants x seeds x every generated set,
                                                       #   both protocols, resumable; table.{md,csv,png,json}
     campe prompt-learn grid --out /tmp/grid --table-only   # the table from the cells that exist
+    campe prompt-learn grid --out data/prompt_learning/grid-e10 --seeds 1,2,3 --epochs 10   # the README table
 
 Writes <out_dir>/<protocol>/<method>/<dataset>/seed<k>/{prompt_learner.pt, mlflow_run_id.txt},
 <metrics_dir>/<protocol>/<method>/<dataset>/seed<k>.json (one per cell; an MLflow run each) and
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", help="comma-separated datasets (default: prompt_learn.datasets)")
     p.add_argument("--seeds", help="comma-separated seeds (default: prompt_learn.seeds)")
     p.add_argument("--protocol", choices=["base2new", "cross"], help="default: prompt_learn.protocol")
+    p.add_argument("--epochs", type=int, help="override prompt_learn.epochs (every method, every cell: one budget)")
     p.add_argument("--force", action="store_true", help="train again cells whose metrics match this config")
     p.add_argument("--out", help="grid: its folder (models, metrics, mlflow.db and table.* of every variant)")
     p.add_argument("--variants", help="grid: comma-separated subset of campe.attriprompt.grid.VARIANTS")
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
             overrides[name] = [conv(v.strip()) for v in value.split(",") if v.strip()]
     if args.protocol:
         overrides["protocol"] = args.protocol
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
     p = load_section(args.params, overrides)
     if args.action == "grid":
         return _grid(p, args)

@@ -221,6 +221,18 @@ def test_prompt_learn_cross_protocol_and_a_bad_dg_target(project, capsys):
     assert "split_zhou_Other.json: a domain-generalisation target must have the source" in capsys.readouterr().err
 
 
+def test_grid_epochs_flag_sets_one_budget_for_every_cell(project, tmp_path):
+    """`--epochs` overrides the section's budget for every variant's cells (the README table runs 10)."""
+    params = _params(project, seeds=[1])
+    out = tmp_path / "grid"
+    assert cli.main(["prompt-learn", "grid", "--params", str(params), "--out", str(out), "--epochs", "2",
+                     "--variants", "coop,attriprompt"]) == 0
+    cells = sorted(out.glob("*/metrics/base2new/*/Toy/seed1.json"))
+    assert {c.parts[-6] for c in cells} == {"coop", "attriprompt"}  # <variant>/metrics/base2new/<method>/Toy
+    assert all(json.loads(c.read_text())["final_train"]["epoch"] == 2 for c in cells)  # the section says 1
+    _params(project)
+
+
 def test_prompt_learn_params_are_validated(project, capsys):
     params = _params(project, methods=["coop", "maple"])
     assert cli.main(["prompt-learn", "train", "--params", str(params)]) == 1
