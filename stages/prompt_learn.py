@@ -8,7 +8,7 @@
     campe prompt-learn grid --out /tmp/grid           # the comparison: 9 variants x seeds x every generated set,
                                                       #   both protocols, resumable; table.{md,csv,png,json}
     campe prompt-learn grid --out /tmp/grid --table-only   # the table from the cells that exist
-    campe prompt-learn grid --out data/prompt_learning/grid-e10 --seeds 1,2,3 --epochs 10   # the README table
+    campe prompt-learn grid --out /tmp/grid-e10 --seeds 1,2,3 --epochs 10   # another budget, the same for every cell
 
 Writes <out_dir>/<protocol>/<method>/<dataset>/seed<k>/{prompt_learner.pt, mlflow_run_id.txt},
 <metrics_dir>/<protocol>/<method>/<dataset>/seed<k>.json (one per cell; an MLflow run each) and
