@@ -1,4 +1,4 @@
-"""The timing loop the step benches share (bench/model_step.py, bench/locked_step.py, bench/apt_entry.py).
+"""The timing loop the step benches share (model_step, locked_step, apt_entry, lora_step).
 
     from bench._timing import alternate, bench_args, clip_step, print_rows, random_captions
     args = bench_args(ap, repeats=5)                            # --batch, --repeats, --threads (torch threads set)

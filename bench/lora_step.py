@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +31,8 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from campe.core.losses import CampeObjective, total_loss  # noqa: E402
+from bench._timing import alternate, bench_args, clip_step  # noqa: E402
+from campe.core.losses import CampeObjective  # noqa: E402
 from campe.text.diagnostics import fidelity_captions  # noqa: E402
 from campe.train.checkpoint import build_run_model  # noqa: E402
 from campe.train.run_config import resolve_run_config  # noqa: E402
@@ -50,15 +50,8 @@ def make_row(method: str, tower: str, captions: list[str], images: torch.Tensor)
     text = {"layout": layout}
     if tower == "cached":
         text["hidden"] = encoder.frozen_hidden(layout).half()  # as the cache stores it
-    objective = CampeObjective(cfg.loss.kind)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        total_loss(objective(model(images=images, text=text))).backward()
-        opt.step()
-        model.clamp_logit_scale_()
-    return step, text, model
+    return clip_step(model, CampeObjective(cfg.loss.kind), images, text, opt), text, model
 
 
 def text_flops(model, text: dict) -> float:
@@ -71,13 +64,7 @@ def text_flops(model, text: dict) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bench_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), repeats=3)
     warnings.simplefilter("ignore", UserWarning)
     torch.manual_seed(0)
     captions = fidelity_captions(args.batch)
@@ -90,13 +77,7 @@ def main() -> None:
         trainable_text = sum(p.numel() for p in model.text.parameters() if p.requires_grad)
         rows[name] = {"text_trainable_M": round(trainable_text / 1e6, 3),
                       "text_gflops_per_caption": round(text_flops(model, text) / 1e9, 3)}
-        step()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+    times = alternate(steps, args.repeats)  # one warm-up each, then the rows alternate
     for name in rows:
         rows[name]["ms_per_step"] = round(min(times[name]) * 1e3, 1)
     base = rows["mean_cached"]
