@@ -222,7 +222,7 @@ def test_prompt_learn_cross_protocol_and_a_bad_dg_target(project, capsys):
 
 
 def test_grid_epochs_flag_sets_one_budget_for_every_cell(project, tmp_path):
-    """`--epochs` overrides the section's budget for every variant's cells (the README table runs 10)."""
+    """`--epochs` overrides the section's budget for every variant's cells: one budget for all."""
     params = _params(project, seeds=[1])
     out = tmp_path / "grid"
     assert cli.main(["prompt-learn", "grid", "--params", str(params), "--out", str(out), "--epochs", "2",
