@@ -21,7 +21,8 @@ The grid: every method in `ablate.methods` with the contrastive kind `ablate.kin
        named <name>/<method>-<kind>/seed<seed> and tagged ablation=<name>, ablation_cell, seed, loss_kind.
     3. evaluation (stages.evaluate.run_stage) on the generated test split: the `evaluate` section's image sets,
        video sets and zero-shot, as picked by `ablate.eval_sets`; metrics JSONs in the cell's eval/ folder, also
-       logged into the cell's MLflow run.
+       logged into the cell's MLflow run. The frozen LM's states of the eval and val captions are computed by the
+       first cell of a text layout and looked up by the others (campe.text.frozen_memo; the same tensors).
     4. <cell>/cell.json (written last, atomically) marks the cell finished; after every cell the table is rewritten
        from all finished cells by stages/ablate_table.py: `ablate.table_md` (Markdown) and `ablate.table_csv` (long
        CSV: variant, method, kind, dataset, metric, mean, std, n, seeds). std is the sample standard deviation
@@ -62,6 +63,7 @@ from typing import Any, Callable
 from campe.core.config import ConfigError, from_dict
 from campe.train.run_config import TRAIN_SECTIONS
 from campe.core.io import atomic_write_json, json_sha256, output_lock, store_uri
+from campe.text.frozen_memo import memoize_frozen_states
 
 # `campe --help` shows this line (campe.cli reads it with ast, without importing this module)
 HELP = "the ablation table: methods x softmax/sigmoid x seeds, mean ± std (resumable)"
@@ -72,6 +74,9 @@ KINDS = ("softmax", "sigmoid")
 EVAL_SETS = ("image", "video", "zero_shot")
 SECTIONS = (*TRAIN_SECTIONS, "cache", "evaluate")
 CELL_FILE = "cell.json"
+# The frozen LM's states of the eval/val captions, kept across cells (campe.text.frozen_memo): the cells of one text
+# layout evaluate the same captions with the same frozen layers. ~0.1-0.8 GB per layout for the default sets.
+GRID_MEMO_BYTES = 6 << 30
 FIDELITY_SET = "text_fidelity"  # the table section of the prompt diagnostics (can the K prompts differ at all?)
 
 
@@ -409,19 +414,21 @@ def _run_grid(ap: AblateParams, base: dict[str, dict], where: str, log: Callable
     caches_done: set[str] = set()
     ran = skipped = 0
     t_all = time.perf_counter()
-    for i, cell in enumerate(cells, 1):
-        head = f"[{i}/{len(cells)}] {cell.variant} seed {cell.seed}"
-        t0 = time.perf_counter()
-        rec = run_cell(ap, base, cell, where, caches_done, log=lambda s: log(f"{head}{s}"))
-        if rec.get("skipped"):
-            skipped += 1
-            log(f"{head}: finished earlier, skipped")
-            continue
-        ran += 1
-        first = next(iter(rec["metrics"].values()), {})
-        shown = ", ".join(f"{k}={first[k]:.1f}" for k in ("i2t_R@1", "t2i_R@1", "rsum") if k in first)
-        log(f"{head}: {shown} ({time.perf_counter() - t0:.0f} s: {rec['timings']})")
-        write_tables(ap)
+    with memoize_frozen_states(max_bytes=GRID_MEMO_BYTES) as memo:
+        for i, cell in enumerate(cells, 1):
+            head = f"[{i}/{len(cells)}] {cell.variant} seed {cell.seed}"
+            t0 = time.perf_counter()
+            rec = run_cell(ap, base, cell, where, caches_done, log=lambda s: log(f"{head}{s}"))
+            if rec.get("skipped"):
+                skipped += 1
+                log(f"{head}: finished earlier, skipped")
+                continue
+            ran += 1
+            first = next(iter(rec["metrics"].values()), {})
+            shown = ", ".join(f"{k}={first[k]:.1f}" for k in ("i2t_R@1", "t2i_R@1", "rsum") if k in first)
+            log(f"{head}: {shown} ({time.perf_counter() - t0:.0f} s: {rec['timings']}; frozen text states "
+                f"reused {memo.hits}, computed {memo.misses})")
+            write_tables(ap)
     rows = write_tables(ap)
     return {"cells": len(cells), "ran": ran, "skipped": skipped, "rows": rows,
             "seconds": round(time.perf_counter() - t_all, 1)}

@@ -12,6 +12,8 @@
   campe.model.CLIPModel maps to "text" / "negated". Parameters: the encoder's (APT, heads, trainable layers).
   The last layer is "query-only" (`query_only_layer`): its queries, attention output and MLP run at the pooled
   positions only (keys/values from every position), the same numbers as the full layer at those positions.
+  In eval mode inside `campe.text.frozen_memo.memoize_frozen_states` the frozen layers' output for a batch seen
+  before is looked up, not recomputed (the grid's evaluations and val losses).
 - `LayoutMaker(encoder)`: captions -> PromptLayout on the CPU without the model (DataLoader workers, the cache
   stage).
 """
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from campe.text.frozen_memo import frozen_states
 from campe.text.layout import PromptLayout
 from campe.text.multiprompt import MultiPromptTextEncoder
 
@@ -185,7 +188,7 @@ class CachedTextTower(nn.Module):
                 raise ValueError("CachedTextTower(online=False) needs batch['hidden'] (cached states from "
                                  "open_training_data with a cache_dir); build it with online=True to run the frozen "
                                  "layers itself")
-            hidden = enc.entry_hidden(layout, masks)  # no_grad inside
+            hidden = frozen_states(enc, layout, masks)  # no_grad; looked up when a memo is active (evaluation)
         elif enc.cfg.lora:
             raise ValueError("text_encoder.lora puts trainable adapters into every layer of the LM, so cached states "
                              "cannot be used: train online (train.cache_dir: '' / --cache none)")

@@ -58,6 +58,7 @@ from campe.core.tracking import Tracker, flatten_config
 from campe.data.imageprep import SHOWN_SKIPS, UndecodableImageWarning, check_skip_fraction
 from campe.model import CLIPModel, save_config
 from campe.text.diagnostics import text_diagnostics
+from campe.text.frozen_memo import FrozenStateMemo, memoize_frozen_states
 from campe.train.checkpoint import (CKPT, FINAL, RUN_ID_FILE, build_run_model, load_trainable_state,
                                     torch_save_atomic, trainable_state)
 from campe.train.distributed import (DistInfo, all_ranks_have, init_distributed, out_dir_lock, rng_state,
@@ -72,6 +73,7 @@ from campe.train.sources import CachedPairs, MemoryPairs
 # The final loss terms in metrics.json (and train.metrics_file, MLflow) are means over the last FINAL_WINDOW steps,
 # named so (mean_last10_contrastive_loss): the last step's own value (the last point of the logged curve) is noisier.
 FINAL_WINDOW = 10
+VAL_MEMO_BYTES = 1 << 30  # the val captions' frozen states (250 captions x 70 tokens x 384 floats: 27 MB here)
 FINAL_PREFIX = f"mean_last{FINAL_WINDOW}_"
 HEADLINE = ("steps", "samples_per_s", f"{FINAL_PREFIX}loss", f"{FINAL_PREFIX}contrastive_loss")
 
@@ -215,6 +217,7 @@ class _Run:
         self.val: ValPairs | None = None
         self.val_text: Callable[[list[str]], Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None  # trainable weights of the best val evaluation
+        self.val_memo = FrozenStateMemo(VAL_MEMO_BYTES)
         self.best_step = 0
 
     @classmethod
@@ -251,7 +254,10 @@ class _Run:
 
     def validate(self) -> None:
         """Val loss of the current weights into the rule (the best weights kept), val_log.json and MLflow."""
-        loss = self.val.loss(self.model, self.val_text, self.val_objective, self.tp.batch_size, self.info.device)
+        # The val captions' frozen states are the same every evaluation: computed once, then looked up.
+        with memoize_frozen_states(self.val_memo):
+            loss = self.val.loss(self.model, self.val_text, self.val_objective, self.tp.batch_size,
+                                 self.info.device)
         if self.stopper.update(loss):
             self.best_state, self.best_step = trainable_state(self.model), self.step
         if self.info.main:
