@@ -104,6 +104,7 @@ class AblateParams:
     axis_seeds: list[int] = field(default_factory=list)  # seeds of the axis cells ([] = seeds)
     references: list[str] = field(default_factory=lambda: ["mean", "vanilla"])  # paired differences against
     # these methods (kinds[0], the same seed: same initialisation and data order)
+    keep_in_memory: bool = False  # every cell's train.keep_in_memory (runtime: the same batches, not in the hash)
 
     def validate(self) -> None:
         for m in self.methods + self.all_kinds_for:
@@ -212,6 +213,8 @@ def cell_sections(ap: AblateParams, base: dict[str, dict], cell: Cell) -> dict[s
         t["image_tower"] = ap.image_tower
     if ap.patience:
         t["patience"] = ap.patience
+    if ap.keep_in_memory:
+        t["keep_in_memory"] = True
     t["image_features_dir"] = str(Path(ap.root) / "caches" / "image_features")  # content-addressed: shared
     return s
 

@@ -457,6 +457,36 @@ def test_ranks_and_workers_take_disjoint_shards_and_epochs_reshuffle(shards, tmp
     assert sorted(seen) == sorted(set(seen)) and len(seen) == 48
 
 
+def test_keep_in_memory_gives_the_same_batches_without_reading_again(shards, tmp_path, make_encoder):
+    """train.keep_in_memory: epochs after the first come from memory (the tars are emptied by then) and every batch
+    equals the streamed one (images, cached states, layout, keys)."""
+    import shutil
+
+    from campe.core.config import ConfigError
+    from campe.train.run_config import resolve_run_config
+    from campe.train.sources import CachedPairs
+    enc = make_encoder("llama")
+    cache(shards, tmp_path / "cache", enc)
+    copy_dir = tmp_path / "shards"
+    shutil.copytree(shards, copy_dir)
+    streamed = CachedPairs(str(shards), str(tmp_path / "cache"), enc)
+    kept = CachedPairs(str(copy_dir), str(tmp_path / "cache"), enc, keep_in_memory=True)
+    for epoch in range(3):
+        want = list(streamed.epoch_batches(epoch, 8, seed=5))
+        got = list(kept.epoch_batches(epoch, 8, seed=5))
+        assert [b["keys"] for b in got] == [b["keys"] for b in want] and len(want) == 6
+        for g, w in zip(got, want):
+            assert torch.equal(g["images"], w["images"]) and g["images"].dtype == torch.float32
+            assert torch.equal(g["text"]["hidden"], w["text"]["hidden"])
+            assert torch.equal(g["text"]["layout"].input_ids, w["text"]["layout"].input_ids)
+        if epoch == 0:
+            assert len(kept._memory) == 3
+            for tar in copy_dir.rglob("*.tar"):  # later epochs must not read the shards again
+                tar.write_bytes(b"")
+    with pytest.raises(ConfigError, match="keep_in_memory needs num_workers 0"):
+        resolve_run_config({"train": {"keep_in_memory": True, "num_workers": 2}})
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 def _cache_cli(params: Path) -> int:

@@ -53,6 +53,16 @@ def test_lookup_is_the_live_computation(tok):
     assert (memo.misses, memo.hits) == (2, 1)
 
 
+def test_the_encoder_itself_looks_up_too(tok):
+    """Evaluation runs the loaded model's MultiPromptTextEncoder (no CachedTextTower): the same lookup."""
+    enc = tower_of(tok).encoder
+    with torch.no_grad():
+        want = enc(CAPTIONS)["embedding"]
+        with memoize_frozen_states(max_bytes=1 << 26) as memo:
+            first, again = enc(CAPTIONS)["embedding"], enc(CAPTIONS)["embedding"]
+    assert (memo.misses, memo.hits) == (1, 1) and torch.equal(first, want) and torch.equal(again, want)
+
+
 def test_trained_layers_change_frozen_states_do_not(tok):
     """The grid's case: another cell (other trainable weights and APTs, same frozen LM) hits the memo and gets its
     own live result."""

@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from campe.text.frozen_memo import frozen_states
 from campe.text.layout import PromptLayout, build_layout, prompt_attention_mask
 from campe.text.model_folder import DEFAULT_MODEL, FOLDER_NEEDS, check_model_folder, check_model_type, resolve_model_path
 
@@ -430,7 +431,8 @@ class MultiPromptTextEncoder(nn.Module):
     def hidden(self, layout: PromptLayout) -> torch.Tensor:
         """[B, S, H] output of the last LM layer (before a decoder's final norm) for the whole sequence."""
         masks: dict[int | None, torch.Tensor] = {}  # built once, shared by the frozen and trainable layers
-        h = self.inject(self.entry_hidden(layout, masks), layout)
+        # entry_hidden, or looked up in an active campe.text.frozen_memo (eval mode: evaluations, val losses)
+        h = self.inject(frozen_states(self, layout, masks), layout)
         return self.run_layers(h, layout, self.entry_layer, self.num_layers, masks)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:

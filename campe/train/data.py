@@ -24,6 +24,8 @@
   in the shard's metadata, and training skips it, warning (UndecodableImageWarning) with the shard and the key.
   `data.batches(b)` gives collated batches with the samples left out since the previous one in
   batch["skipped"] (what the training loop counts, through `BatchStream` in a DataLoader).
+  `memory={}` (one dict for every epoch's dataset): each shard is read and its images decoded once, then served
+  from memory (the same batches; train.keep_in_memory, for many epochs over a set that fits in RAM).
 - `collate_samples(samples) -> {"images": [B,3,H,W] float32 in [0,1], "text": {"hidden": [B,S,H] float16/bfloat16
   (cache dtype, right-padded), "layout": PromptLayout} ({"layout"} only in online mode), "keys": [B] str,
   "captions": [B] str}`.
@@ -99,6 +101,18 @@ def zip_shard(image_shard: str, cache_shard: str | None, layout_maker: LayoutMak
         raise CacheCorruptError(f"cache shard {cache_shard} has key {nxt['key']} that {image_shard} lacks; {fix}")
 
 
+def _predecode(s: dict[str, Any] | SkippedSample) -> dict[str, Any] | SkippedSample:
+    """A sample to keep in memory: its image decoded (uint8 [3,H,W]: a quarter of the float's bytes) in place of
+    the jpg bytes; one that does not decode keeps its bytes, so _finish skips it where streaming would."""
+    if isinstance(s, SkippedSample):
+        return s
+    try:
+        img = decode_image(s["jpg"])
+    except ImageDecodeError:
+        return s
+    return {k: v for k, v in s.items() if k != "jpg"} | {"image_u8": img}
+
+
 class TrainingData(torch.utils.data.IterableDataset):
     """(image, caption, cached text) samples of this rank's shards; see open_training_data.
 
@@ -109,8 +123,10 @@ class TrainingData(torch.utils.data.IterableDataset):
     def __init__(self, image_shards: Sequence[str], cache_shards: Sequence[str | None],
                  layout_maker: LayoutMaker | None, pad_id: int, rank: int = 0, world_size: int = 1,
                  shuffle_seed: int | None = None, epoch: int = 0, shuffle_buffer: int = 512,
-                 shard_rows: Sequence[int] | None = None, shard_left_out: Sequence[int] | None = None):
+                 shard_rows: Sequence[int] | None = None, shard_left_out: Sequence[int] | None = None,
+                 memory: dict[str, list] | None = None):
         super().__init__()
+        self.memory = memory  # shard -> its samples with decoded images, kept across epochs (keep_in_memory)
         self.image_shards, self.cache_shards = list(image_shards), list(cache_shards)
         self.layout_maker, self.pad_id = layout_maker, pad_id
         self.rank, self.world_size = rank, world_size
@@ -150,7 +166,7 @@ class TrainingData(torch.utils.data.IterableDataset):
         buf: list[dict[str, Any]] = []
         size = self.shuffle_buffer if self.shuffle_seed is not None else 0
         for i in mine:
-            for s in zip_shard(self.image_shards[i], self.cache_shards[i], self.layout_maker):
+            for s in self._shard_samples(i):
                 if isinstance(s, SkippedSample):
                     yield s
                     continue
@@ -166,6 +182,18 @@ class TrainingData(torch.utils.data.IterableDataset):
         rng.shuffle(buf)
         for s in buf:
             yield self._finish(s)
+
+    def _shard_samples(self, i: int) -> Iterator[dict[str, Any] | SkippedSample]:
+        """zip_shard of shard i; with a memory, read and decoded once and then served from it (the same samples in
+        the same order: only where the bytes come from differs)."""
+        if self.memory is None:
+            yield from zip_shard(self.image_shards[i], self.cache_shards[i], self.layout_maker)
+            return
+        kept = self.memory.get(self.image_shards[i])
+        if kept is None:
+            kept = [_predecode(s) for s in zip_shard(self.image_shards[i], self.cache_shards[i], self.layout_maker)]
+            self.memory[self.image_shards[i]] = kept
+        yield from kept
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for s in self._stream():
@@ -198,6 +226,10 @@ class TrainingData(torch.utils.data.IterableDataset):
     def _finish(self, s: dict[str, Any]) -> dict[str, Any] | SkippedSample:
         # Decode at the end: the shuffle buffer holds the small jpg bytes, not float images.
         s = dict(s)
+        if "image_u8" in s:  # decoded when it was kept in memory
+            s["image"] = s.pop("image_u8").float().div_(255.0)
+            s["pad_id"] = self.pad_id
+            return s
         try:
             s["image"] = _decode_image(s.pop("jpg"))
         except ImageDecodeError as e:
@@ -224,9 +256,11 @@ def identity(x: Any) -> Any:
 
 def open_training_data(shards_dir: str | Path, cache_dir: str | Path | None, encoder: MultiPromptTextEncoder,
                        rank: int = 0, world_size: int = 1, shuffle_seed: int | None = None, epoch: int = 0,
-                       shuffle_buffer: int = 512) -> TrainingData:
+                       shuffle_buffer: int = 512, memory: dict[str, list] | None = None) -> TrainingData:
     """The training samples of the finished image shards under `shards_dir`, each with its cached text states from
-    `cache_dir` (checked against `encoder`'s manifest), or, with cache_dir=None, its token layout (online mode)."""
+    `cache_dir` (checked against `encoder`'s manifest), or, with cache_dir=None, its token layout (online mode).
+    memory: a dict shared by the epochs' datasets (in this process) that keeps each shard's samples, decoded,
+    after its first read (train.keep_in_memory)."""
     from campe.data.shards import shard_paths
 
     if not 0 <= rank < world_size:
@@ -241,7 +275,7 @@ def open_training_data(shards_dir: str | Path, cache_dir: str | Path | None, enc
     if cache_dir is None:
         rows = [shard_sample_count(p) for p in images]
         return TrainingData(images, [None] * len(images), LayoutMaker(encoder), encoder.pad_id, rank, world_size,
-                            shuffle_seed, epoch, shuffle_buffer, rows)
+                            shuffle_seed, epoch, shuffle_buffer, rows, memory=memory)
     manifest = check_manifest(cache_dir, encoder)
     caches, rows, left_out, missing = [], [], [], []
     for p in images:
@@ -263,7 +297,7 @@ def open_training_data(shards_dir: str | Path, cache_dir: str | Path | None, enc
         if len(images) < world_size:
             raise ValueError(f"the --limit cache {cache_dir} covers {len(images)} shard(s) for {world_size} ranks")
     return TrainingData(images, caches, None, encoder.pad_id, rank, world_size, shuffle_seed, epoch,
-                        shuffle_buffer, rows, left_out)
+                        shuffle_buffer, rows, left_out, memory=memory)
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -190,7 +190,7 @@ def _val_text_fn(cfg: RunConfig, model: CLIPModel, mode: str) -> Callable[[list[
 def _shard_source(cfg: RunConfig, mode: str, encoder: Any) -> Any:
     tp = cfg.train
     if mode != "plain":
-        return CachedPairs(tp.shards_dir, tp.cache_dir or None, encoder, tp.num_workers)
+        return CachedPairs(tp.shards_dir, tp.cache_dir or None, encoder, tp.num_workers, tp.keep_in_memory)
     return MemoryPairs.from_shards(tp.shards_dir, cfg.model.image_size)
 
 

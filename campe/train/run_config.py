@@ -83,6 +83,8 @@ class TrainParams:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     device: str = "auto"  # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda
     num_workers: int = 0  # data loader workers for the cached data
+    keep_in_memory: bool = False  # keep the samples (decoded images, cached states) after the first epoch: later
+    # epochs read no tar, parquet or JPEG (same batches; needs num_workers 0 and the RAM: ~0.4 GB for the default)
     log_every: int = 10  # steps between metric flushes (every step is logged; this sets how often)
     ckpt_every: int = 200  # steps between checkpoints (and one at the end); 0 = only at the end
     progress: bool = True  # tqdm bar (samples/s, ETA) on rank 0; CAMPE_NO_PROGRESS=1 also turns it off
@@ -125,13 +127,16 @@ class TrainParams:
             raise ValueError(f"image_tower '{self.image_tower}' is not one of: {', '.join(IMAGE_TOWERS)}")
         if self.patience < 0 or self.val_every < 0:
             raise ValueError(f"patience and val_every must be >= 0, got {self.patience}, {self.val_every}")
+        if self.keep_in_memory and self.num_workers:
+            raise ValueError("keep_in_memory needs num_workers 0 (each epoch's loader workers would read the "
+                             "samples again)")
         if self.patience and not self.val_set:
             raise ValueError("patience > 0 needs val_set (a Karpathy-split JSON with a 'val' split)")
 
 
 # Fields that may change between a run and its resume (they do not change the numbers).
 RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_workers", "log_every", "ckpt_every",
-                  "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device", "max_skip_fraction",
+                  "keep_in_memory", "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device", "max_skip_fraction",
                   "image_features_dir", "val_set", "register_model")
 # Fields added after runs existed, hashed only when set to another value than this one: the hash of a config that
 # leaves them at their defaults (and the resume and finished-cell checks built on it) stays what it was.

@@ -103,10 +103,12 @@ class CachedPairs:
     Samples whose image does not decode are left out of the batches; take_skips() hands them to the training
     loop."""
 
-    def __init__(self, shards_dir: str, cache_dir: str | None, encoder: Any, num_workers: int = 0):
+    def __init__(self, shards_dir: str, cache_dir: str | None, encoder: Any, num_workers: int = 0,
+                 keep_in_memory: bool = False):
         from campe.train.data import open_training_data
         self._open = open_training_data
         self.shards_dir, self.cache_dir, self.encoder, self.num_workers = shards_dir, cache_dir, encoder, num_workers
+        self._memory: dict[str, list] | None = {} if keep_in_memory else None  # (num_workers 0: TrainParams)
         # Opening checks the cache against the encoder (CacheMismatchError names the differing field): fail now.
         self._all = open_training_data(shards_dir, cache_dir, encoder, rank=0, world_size=1, shuffle_seed=0, epoch=0)
         self._skipped: list[SkippedSample] = []
@@ -131,7 +133,7 @@ class CachedPairs:
 
         from campe.train.data import BatchStream, identity
         ds = self._open(self.shards_dir, self.cache_dir, self.encoder, rank=rank, world_size=world_size,
-                        shuffle_seed=seed, epoch=epoch)
+                        shuffle_seed=seed, epoch=epoch, memory=self._memory)
         # Each worker collates full batches of decodable samples (what batch_size=b, drop_last=True would give),
         # so a skipped sample never leaves a batch short. The loader's own generator: worker seeds never draw from
         # (and never shift) the global RNG.
