@@ -5,6 +5,7 @@
     times = alternate({"a": step_a, "b": step_b}, repeats=5)    # {name: [seconds per call]}, after one warm-up
     t_a = min(times["a"])                                       # the fastest: least disturbed on a shared machine
     print_rows("campe model bench: ...", rows, headline)        # the table, then the headline as one JSON line
+    print_ratio_table(title, {"a": {...}, "b": {...}}, [("ms_per_step", "ms/step", ".1f", True)], "a", headline)
 """
 from __future__ import annotations
 
@@ -74,4 +75,19 @@ def print_rows(title: str, rows: list[tuple[str, str, str]], headline: dict, tim
     print(f"{'what':<{w}}  {'time':>{time_width}}  rate")
     for name, t, rate in rows:
         print(f"{name:<{w}}  {t:>{time_width}}  {rate}")
+    print(json.dumps(headline))
+
+
+def print_ratio_table(title: str, rows: dict[str, dict[str, float]], columns: list[tuple[str, str, str, bool]],
+                      base: str, headline: dict) -> None:
+    """The readable table of rows (name -> {key: value}) under `title`: a column per (key, header, format, ratio),
+    followed, where ratio, by "x (a)" = value / rows[base][key]; then `headline` as one JSON line."""
+    w = max(3, *map(len, rows))
+    widths = [max(len(header), 9) for _, header, _, _ in columns]
+    print(title)
+    print(f"{'row':<{w}}" + "".join(f" {header:>{cw}}" + (f" {'x (a)':>6}" if ratio else "")
+                                    for (_, header, _, ratio), cw in zip(columns, widths)))
+    for name, r in rows.items():
+        print(f"{name:<{w}}" + "".join(f" {r[key]:>{cw}{fmt}}" + (f" {r[key] / rows[base][key]:>6.1f}" if ratio else "")
+                                        for (key, _, fmt, ratio), cw in zip(columns, widths)))
     print(json.dumps(headline))

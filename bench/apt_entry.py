@@ -17,7 +17,6 @@ JSON object with the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench._timing import alternate, bench_args  # noqa: E402
+from bench._timing import alternate, bench_args, print_ratio_table  # noqa: E402
 from campe.text.cached_tower import CachedTextTower  # noqa: E402
 from campe.text.diagnostics import fidelity_captions  # noqa: E402
 from campe.text.multiprompt import MultiPromptConfig, build_text_encoder  # noqa: E402
@@ -67,15 +66,11 @@ def main() -> None:
             batch["hidden"] = enc.frozen_hidden(layout).half()  # as the cache stores it
         flops, secs = measure(tower, batch, args.repeats)
         rows[name] = {"gflops_per_caption": round(flops / 1e9, 3), "ms_per_step": round(secs * 1e3, 1)}
-    base = rows["first_trainable_cached"]
-    print(f"text tower step, MiniLM-L6, K=6 + negation, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'row':<26} {'GFLOP/caption':>14} {'x (a)':>7} {'ms/step':>9} {'x (a)':>7}")
-    for name, r in rows.items():
-        print(f"{name:<26} {r['gflops_per_caption']:>14.3f} {r['gflops_per_caption'] / base['gflops_per_caption']:>7.1f}"
-              f" {r['ms_per_step']:>9.1f} {r['ms_per_step'] / base['ms_per_step']:>7.1f}")
-    print(json.dumps({"bench": "apt_entry", "batch": args.batch, "threads": torch.get_num_threads(), **rows}))
-
+    print_ratio_table(f"text tower step, MiniLM-L6, K=6 + negation, batch {args.batch}, "
+                      f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}", rows,
+                      [("gflops_per_caption", "GFLOP/caption", ".3f", True), ("ms_per_step", "ms/step", ".1f", True)],
+                      "first_trainable_cached",
+                      {"bench": "apt_entry", "batch": args.batch, "threads": torch.get_num_threads(), **rows})
 
 if __name__ == "__main__":
     main()

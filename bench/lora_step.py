@@ -18,7 +18,6 @@ generated benchmark's val captions (campe.text.diagnostics.fidelity_captions). T
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -31,7 +30,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench._timing import alternate, bench_args, clip_step  # noqa: E402
+from bench._timing import alternate, bench_args, clip_step, print_ratio_table  # noqa: E402
 from campe.core.losses import CampeObjective  # noqa: E402
 from campe.text.diagnostics import fidelity_captions  # noqa: E402
 from campe.train.checkpoint import build_run_model  # noqa: E402
@@ -80,17 +79,13 @@ def main() -> None:
     times = alternate(steps, args.repeats)  # one warm-up each, then the rows alternate
     for name in rows:
         rows[name]["ms_per_step"] = round(min(times[name]) * 1e3, 1)
-    base = rows["mean_cached"]
-    print(f"training step, default model (MiniLM-L6 text, {size}px images), batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'row':<18} {'text trainable':>15} {'text GFLOP/caption':>19} {'x (a)':>6} {'ms/step':>9} {'x (a)':>6}")
-    for name, r in rows.items():
-        print(f"{name:<18} {r['text_trainable_M']:>13.3f} M {r['text_gflops_per_caption']:>19.3f} "
-              f"{r['text_gflops_per_caption'] / base['text_gflops_per_caption']:>6.1f} {r['ms_per_step']:>9.1f} "
-              f"{r['ms_per_step'] / base['ms_per_step']:>6.1f}")
-    print(json.dumps({"bench": "lora_step", "batch": args.batch, "threads": torch.get_num_threads(),
-                      "load_average": round(os.getloadavg()[0], 1), **rows}))
-
+    threads, load = torch.get_num_threads(), round(os.getloadavg()[0], 1)
+    print_ratio_table(f"training step, default model (MiniLM-L6 text, {size}px images), batch {args.batch}, "
+                      f"{threads} threads, load average {load:.1f}", rows,
+                      [("text_trainable_M", "text trainable M", ".3f", False),
+                       ("text_gflops_per_caption", "text GFLOP/caption", ".3f", True),
+                       ("ms_per_step", "ms/step", ".1f", True)], "mean_cached",
+                      {"bench": "lora_step", "batch": args.batch, "threads": threads, "load_average": load, **rows})
 
 if __name__ == "__main__":
     main()
