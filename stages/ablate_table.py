@@ -23,11 +23,21 @@ TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@
                  "v2t_R@1", "v2t_R@5", "v2t_R@10", "t2v_R@1", "t2v_R@5", "t2v_R@10", "rsum")
 
 
-def summarize(records: list[dict[str, Any]], variants: list[str], references: dict[str, str] | None = None
-              ) -> list[dict[str, Any]]:
+def axis_bases(variants: list[str]) -> dict[str, str]:
+    """{axis variant: the same method and loss at its default setting}, e.g. "multi_prompt-softmax-k=8" ->
+    "multi_prompt-softmax": what an axis cell is paired against (DEFAULT)."""
+    return {v: v.rsplit("-", 1)[0] for v in variants if "=" in v.rsplit("-", 1)[-1]}
+
+
+DEFAULT = "default"  # the paired difference of an axis variant against its method at the default setting
+
+
+def summarize(records: list[dict[str, Any]], variants: list[str], references: dict[str, str] | None = None,
+              bases: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Per (variant, dataset, metric): mean, sample std (NaN for one seed), the 95 % t interval (ci_low, ci_high),
     n and the seeds; and for each reference {name: its variant}, the paired difference variant - reference over the
-    seeds both have (d_<name>, d_<name>_low, d_<name>_high, d_<name>_n; campe.core.stats)."""
+    seeds both have (d_<name>, d_<name>_low, d_<name>_high, d_<name>_n; campe.core.stats). bases ({axis variant:
+    its default variant}, axis_bases): the paired difference against it as d_default* (NaN for the main grid)."""
     from campe.core.stats import mean_ci, paired_difference
     per: dict[tuple[str, str, str], dict[int, float]] = {}  # (variant, dataset, metric) -> {seed: value}
     for r in records:
@@ -47,7 +57,10 @@ def summarize(records: list[dict[str, Any]], variants: list[str], references: di
             row = {"variant": v, "method": recs[0]["method"], "kind": recs[0]["kind"], "dataset": ds,
                    "metric": metric, "mean": st["mean"], "std": st["std"], "ci_low": st["low"],
                    "ci_high": st["high"], "n": st["n"], "seeds": seeds}
-            for name, ref in (references or {}).items():
+            pairs = {name: ref for name, ref in (references or {}).items()}
+            if bases is not None:
+                pairs[DEFAULT] = bases.get(v, v)
+            for name, ref in pairs.items():
                 d = None if ref == v else paired_difference(by_seed, per.get((ref, ds, metric), {}))
                 row.update({f"d_{name}": d["mean"] if d else math.nan, f"d_{name}_low": d["low"] if d else math.nan,
                             f"d_{name}_high": d["high"] if d else math.nan, f"d_{name}_n": d["n"] if d else 0})
@@ -103,8 +116,9 @@ def paired_markdown(rows: list[dict[str, Any]], refs: dict[str, str]) -> list[st
     lines = ["## Paired differences (headline)", "",
              "Mean ± std over seeds with its 95 % t interval; Δ = the paired difference against each reference "
              "(same seed: same initialisation and data order), mean [95 % t interval of the per-seed "
-             "differences]. An interval that excludes 0 is a difference the seeds resolve.", ""]
-    names = list(refs)
+             "differences]. An interval that excludes 0 is a difference the seeds resolve. Δ vs default (axis "
+             "rows): against the same method at its default setting, on the seeds both have.", ""]
+    names = list(refs) + ([DEFAULT] if any(not math.isnan(r.get(f"d_{DEFAULT}", math.nan)) for r in rows) else [])
     lines += ["| set | metric | method | loss | mean ± std | 95 % CI | " + " | ".join(f"Δ vs {n}" for n in names)
               + " | n |", "|---|---|---|---|---:|---:|" + "---:|" * len(names) + "---:|"]
     for ds, metric in _headline_rows(rows):
@@ -176,7 +190,8 @@ def plot_panels(records: list[dict[str, Any]], variants: list[str]) -> dict[str,
 
 def write_tables(ap: AblateParams) -> list[dict[str, Any]]:
     records = finished_records(ap)
-    rows = summarize(records, variants_of(ap), reference_variants(ap))
+    variants = variants_of(ap)
+    rows = summarize(records, variants, reference_variants(ap), axis_bases(variants))
     atomic_write_bytes(ap.table_csv, table_csv(rows).encode())
     atomic_write_bytes(ap.table_md, table_markdown(rows, ap, len(records), len(grid(ap))).encode())
     panels = plot_panels(records, variants_of(ap))

@@ -109,7 +109,7 @@ def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
             rec = json.loads((ablate.cell_dir(ap, c) / "eval" / f"{ds}.json").read_text())
             per.setdefault((c.variant, ds), []).append(rec["metrics"])
     rows = list(csv.DictReader(io.StringIO(Path(ap.table_csv).read_text())))
-    paired = {f"d_{ref}{end}" for ref in ("mean", "vanilla") for end in ("", "_low", "_high", "_n")}
+    paired = {f"d_{ref}{end}" for ref in ("mean", "vanilla", "default") for end in ("", "_low", "_high", "_n")}
     assert rows and set(rows[0]) == set(ablate_table.CSV_FIELDS) | paired
     got = {(r["variant"], r["dataset"], r["metric"]): r for r in rows}
     # Paired difference against vanilla: per seed, method - vanilla, then mean and its t interval (n = 2)
@@ -289,6 +289,26 @@ def test_confidence_interval_and_paired_difference_against_hand_computed_values(
     one = mean_ci([3.0])
     assert one["n"] == 1 and math.isnan(one["std"]) and math.isnan(one["half"])
     assert paired_difference({0: 1.0}, {1: 1.0}) is None
+
+
+def test_axis_cells_are_paired_against_their_method_at_the_default_setting():
+    """d_default: an axis variant minus its method's main variant, seed by seed (hand-computed); NaN elsewhere."""
+    variants = ["mean-softmax", "multi_prompt-softmax", "multi_prompt-softmax-apt_placeholder=distinct"]
+    assert ablate_table.axis_bases(variants) == {variants[2]: "multi_prompt-softmax"}
+    vals = {"mean-softmax": [300.0, 310.0, 305.0], "multi_prompt-softmax": [290.0, 295.0, 280.0],
+            variants[2]: [292.0, 299.0, 281.0]}
+    records = [{"variant": v, "method": v.split("-")[0], "kind": "softmax", "seed": s,
+                "metrics": {"gen": {"rsum": x}}} for v, xs in vals.items() for s, x in enumerate(xs)]
+    rows = ablate_table.summarize(records, variants, {"mean": "mean-softmax"}, ablate_table.axis_bases(variants))
+    got = {r["variant"]: r for r in rows}
+    d = [2.0, 4.0, 1.0]  # distinct - shared per seed: mean 7/3, std sqrt(7/3), t(0.975, 2) = 4.302653
+    r = got[variants[2]]
+    assert r["d_default"] == pytest.approx(7 / 3) and r["d_default_n"] == 3
+    assert r["d_default_high"] - r["d_default"] == pytest.approx(4.302653 * statistics.stdev(d) / math.sqrt(3),
+                                                                 rel=1e-5)
+    assert r["d_mean"] == pytest.approx((-8 - 11 - 24) / 3)  # the references still apply to axis rows
+    assert math.isnan(got["multi_prompt-softmax"]["d_default"]) and got["mean-softmax"]["d_default_n"] == 0
+    assert "Δ vs default" in "\n".join(ablate_table.paired_markdown(rows, {"mean": "mean-softmax"}))
 
 
 def test_axes_add_cells_of_their_methods_and_cells_set_the_protocol(base, tmp_path):
