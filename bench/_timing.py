@@ -79,9 +79,10 @@ def print_rows(title: str, rows: list[tuple[str, str, str]], headline: dict, tim
 
 
 def print_ratio_table(title: str, rows: dict[str, dict[str, float]], columns: list[tuple[str, str, str, bool]],
-                      base: str, headline: dict) -> None:
+                      base: str, headline: dict | None) -> None:
     """The readable table of rows (name -> {key: value}) under `title`: a column per (key, header, format, ratio),
-    followed, where ratio, by "x (a)" = value / rows[base][key]; then `headline` as one JSON line."""
+    followed, where ratio, by "x (a)" = value / rows[base][key]; then `headline` as one JSON line (None: none, for
+    a table that another follows)."""
     w = max(3, *map(len, rows))
     widths = [max(len(header), 9) for _, header, _, _ in columns]
     print(title)
@@ -90,4 +91,5 @@ def print_ratio_table(title: str, rows: dict[str, dict[str, float]], columns: li
     for name, r in rows.items():
         print(f"{name:<{w}}" + "".join(f" {r[key]:>{cw}{fmt}}" + (f" {r[key] / rows[base][key]:>6.1f}" if ratio else "")
                                         for (key, _, fmt, ratio), cw in zip(columns, widths)))
-    print(json.dumps(headline))
+    if headline is not None:
+        print(json.dumps(headline))
