@@ -38,9 +38,8 @@ def _pivot(sub: list[dict[str, Any]], title: str, columns: dict[str, str], row_l
     out = [title, "", f"| {row_label} | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
     for v in variants:
         by = {r["metric"]: r for r in sub if r["variant"] == v}
-        any_r = next(iter(by.values()))
-        out.append(f"| {any_r['method']} | {any_r['kind']} | " + " | ".join(_cell_text(by.get(m))
-                                                                          for m in columns.values()) + " |")
+        method, loss = v.split("-", 1)  # loss: the kind and, for an axis cell, its setting (as the main tables)
+        out.append(f"| {method} | {loss} | " + " | ".join(_cell_text(by.get(m)) for m in columns.values()) + " |")
     return out + [""]
 
 
