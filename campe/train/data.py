@@ -228,12 +228,11 @@ class TrainingData(torch.utils.data.IterableDataset):
         s = dict(s)
         if "image_u8" in s:  # decoded when it was kept in memory
             s["image"] = s.pop("image_u8").float().div_(255.0)
-            s["pad_id"] = self.pad_id
-            return s
-        try:
-            s["image"] = _decode_image(s.pop("jpg"))
-        except ImageDecodeError as e:
-            return SkippedSample(s["shard"], s["key"], f"undecodable image ({e})")
+        else:
+            try:
+                s["image"] = _decode_image(s.pop("jpg"))
+            except ImageDecodeError as e:
+                return SkippedSample(s["shard"], s["key"], f"undecodable image ({e})")
         s["pad_id"] = self.pad_id
         return s
 

@@ -136,8 +136,8 @@ class TrainParams:
 
 # Fields that may change between a run and its resume (they do not change the numbers).
 RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_workers", "log_every", "ckpt_every",
-                  "keep_in_memory", "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device", "max_skip_fraction",
-                  "image_features_dir", "val_set", "register_model")
+                  "keep_in_memory", "progress", "tracking_uri", "experiment", "artifact_root", "run_name", "device",
+                  "max_skip_fraction", "image_features_dir", "val_set", "register_model")
 # Fields added after runs existed, hashed only when set to another value than this one: the hash of a config that
 # leaves them at their defaults (and the resume and finished-cell checks built on it) stays what it was.
 HASHED_IF_NOT = {("text_encoder", "apt_placeholder"): "shared", ("text_encoder", "apt_entry"): "first_trainable",
