@@ -4,6 +4,7 @@
     campe ablate --seeds 0 1 2 --epochs 1           # override the grid's schedule / seeds
     campe ablate --methods vanilla multi_prompt     # a sub-grid
     campe ablate --table-only                       # (re)write the table from the cells finished so far
+    make ablate-scratch                             # the from-scratch protocol's key variants (the command in Makefile)
 
 The grid: every method in `ablate.methods` with the contrastive kind `ablate.kinds[0]`, and the methods in
 `ablate.all_kinds_for` also with every other kind (the issue's "sigmoid vs softmax" on the full method), each over
@@ -450,6 +451,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--name", help="override ablate.name (a new name = a new set of cells)")
     ap.add_argument("--root", help="override ablate.root")
     ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="override ablate.methods")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, help="override ablate.kinds (the first is every method's)")
+    ap.add_argument("--no-axes", action="store_true", help="no axis cells (ablate.axes = {})")
     ap.add_argument("--seeds", nargs="+", type=int, help="override ablate.seeds")
     ap.add_argument("--steps", type=int, help="override ablate.steps (every cell)")
     ap.add_argument("--epochs", type=int, help="override ablate.epochs (every cell, when steps is 0)")
@@ -462,17 +465,23 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--table-only", action="store_true", help="only (re)write the table from the finished cells")
 
 
-def run(args: argparse.Namespace) -> int:
+def params_from_args(args: argparse.Namespace) -> tuple[AblateParams, dict[str, dict]]:
+    """(the ablate section with the command line's overrides, the stage sections) from `add_arguments`' args."""
     raw, base = load_sections(args.params)
     over = {k: v for k, v in {"name": args.name, "root": args.root, "methods": args.methods, "seeds": args.seeds,
                               "steps": args.steps, "epochs": args.epochs, "eval_sets": args.eval_sets,
                               "table_md": args.table_md, "table_csv": args.table_csv, "plot": args.plot,
-                              "image_tower": args.image_tower, "patience": args.patience}.items()
+                              "image_tower": args.image_tower, "patience": args.patience,
+                              "kinds": args.kinds, "axes": {} if args.no_axes else None}.items()
             if v is not None}
     if args.methods is not None and "all_kinds_for" not in over:
         over["all_kinds_for"] = [m for m in raw.get("all_kinds_for", AblateParams().all_kinds_for)
                                  if m in args.methods]
-    ap = from_dict(AblateParams, {**raw, **over}, f"{args.params}:ablate")
+    return from_dict(AblateParams, {**raw, **over}, f"{args.params}:ablate"), base
+
+
+def run(args: argparse.Namespace) -> int:
+    ap, base = params_from_args(args)
     if args.table_only:
         from stages.ablate_table import write_tables
         ap.validate()

@@ -355,3 +355,34 @@ def test_mean_lora_is_in_the_grid_and_its_cell_trains_online_without_a_cache(bas
     assert "cache_s" not in rec["timings"] and rec["steps"] == 2 and rec["metrics"]["gen"]["rsum"] >= 0
     assert not (Path(ap.root) / "caches").exists()
     assert "mean_lora" in Path(ap.table_md).read_text()
+
+
+def _make_recipe_args(target: str) -> list[str]:
+    """The arguments after `campe ablate` in the Makefile's recipe of `target` (continuation lines joined)."""
+    import shlex
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    recipe = text.split(f"\n{target}:", 1)[1].split("\n", 2)[1]
+    return shlex.split(recipe.split("campe ablate", 1)[1])
+
+
+def test_make_ablate_scratch_is_the_key_variants_from_scratch_on_the_committed_section():
+    """The Makefile's `ablate-scratch` command, parsed by `campe ablate`'s own parser on the committed params.yaml:
+    vanilla, mean and the full method, softmax only, no axis cells, image tower scratch, 3 seeds; the committed
+    early-stopping rule (patience) and everything else unchanged; its own name, table and picture."""
+    import yaml
+    root = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    args = parser.parse_args(["--params", str(root / "params.yaml"), *_make_recipe_args("ablate-scratch")])
+    ap, _ = ablate.params_from_args(args)
+    ap.validate()
+    committed = yaml.safe_load((root / "params.yaml").read_text())["ablate"]
+    assert ap.image_tower == "scratch" != committed["image_tower"] and ap.axes == {} != committed["axes"]
+    assert ap.name != committed["name"] and ap.table_csv != committed["table_csv"] and ap.plot != committed["plot"]
+    assert ap.patience == committed["patience"] > 0 and ap.keep_in_memory == committed["keep_in_memory"]
+    cells = grid(ap)
+    assert {c.variant for c in cells} == {"vanilla-softmax", "mean-softmax", "multi_prompt_div_neg-softmax"}
+    assert sorted({c.seed for c in cells}) == [0, 1, 2] and len(cells) == 9
+    # Without the overrides the committed grid has sigmoid and axis cells: the flags are what removes them.
+    full = grid(ablate.params_from_args(parser.parse_args(["--params", str(root / "params.yaml")]))[0])
+    assert any(c.kind == "sigmoid" for c in full) and any(c.axis for c in full)
