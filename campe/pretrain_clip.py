@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from campe.core.io import atomic_dir, atomic_write_json
 from campe.core.losses import ClipLoss
+from campe.core.threads import torch_threads
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"  # ids 0, 1, 2, 3
 MEAN, STD = 0.5, 0.5  # pixel normalisation ((x/255 - 0.5) / 0.5), saved in the image processor
@@ -227,12 +228,16 @@ def pretrain_clip(p: PretrainClipParams, fewshot_root: str | Path, out_dir: str 
     """Generate the pairs (skipping few-shot images), train the tokenizer and the model, evaluate zero-shot on every
     set under `fewshot_root`, and write the three save_pretrained parts + metrics.json (no timings) into `out_dir` atomically. Returns the
     metrics with the timings ("seconds")."""
+    p.validate()
+    with torch_threads(p.threads):  # restored after: the stage also runs in-process in the flows
+        return _pretrain_clip(p, fewshot_root, out_dir, progress)
+
+
+def _pretrain_clip(p: PretrainClipParams, fewshot_root: str | Path, out_dir: str | Path,
+                   progress: bool) -> dict[str, Any]:
     from campe.data.synth_fewshot import fewshot_pixel_hashes
     from campe.data.synth_pretrain import pretrain_pairs
 
-    p.validate()
-    if p.threads:
-        torch.set_num_threads(p.threads)
     t0, c0 = time.perf_counter(), time.process_time()
     root = Path(fewshot_root)
     exclude = fewshot_pixel_hashes(root)

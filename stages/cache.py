@@ -40,6 +40,7 @@ import torch
 
 from campe.core.config import load_params
 from campe.core.io import atomic_write_json, output_lock
+from campe.core.threads import torch_threads
 from campe.data.imageprep import (DEFAULT_MAX_SKIP_FRACTION, SHOWN_SKIPS, ImageDecodeError, SkipCounter, decode_image,
                                   validate_max_skip_fraction)
 from campe.data.shards import image_bytes, sample_caption, shard_paths, shard_sample_count
@@ -250,14 +251,14 @@ def run_stage(p: CacheParams, text_encoder: MultiPromptConfig, *, embed_dim: int
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     # The ranks share no process group: rank 0 takes the folder's lock (the one a single process takes), rank r > 0
     # a lock of its own, so a second launch fails at its rank 0 at once.
-    with output_lock(p.output_dir, "campe cache", part=f"rank{rank}" if rank else ""):
+    # the thread count is restored after the stage: it runs in-process in `campe ablate` and the flows
+    with (output_lock(p.output_dir, "campe cache", part=f"rank{rank}" if rank else ""),
+          torch_threads(_threads(p.threads))):
         return _cache(p, text_encoder, embed_dim, repair, overwrite, on_mismatch, rank, world_size, encoder)
 
 
 def _cache(p: CacheParams, text_encoder: MultiPromptConfig, embed_dim: int, repair: bool, overwrite: bool,
            on_mismatch: str, rank: int, world_size: int, encoder: MultiPromptTextEncoder | None) -> dict[str, Any]:
-    threads = _threads(p.threads)
-    torch.set_num_threads(threads)
     out = Path(p.output_dir)
     shards = shard_paths(p.shards_dir)
     if not shards:
@@ -279,7 +280,7 @@ def _cache(p: CacheParams, text_encoder: MultiPromptConfig, embed_dim: int, repa
             "captions_written": written, "seconds": round(seconds, 2),
             "captions_per_s": round(written / seconds, 1) if written and seconds > 0 else 0.0,
             "bytes_written": nbytes, "bytes_per_caption": round(nbytes / written, 1) if written else 0.0,
-            "threads": threads, "device": str(device), "output_dir": str(out)}
+            "threads": torch.get_num_threads(), "device": str(device), "output_dir": str(out)}
 
 
 def _open_output(out: Path, manifest: dict[str, Any], overwrite: bool, on_mismatch: str, world_size: int) -> None:

@@ -126,7 +126,7 @@ def tiny_lm(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`): on the
-    shared 2-core machine two OpenMP threads spin against other work, and some stages set all cores."""
+    shared 2-core machine two OpenMP threads spin against other work."""
     import torch
 
     before = torch.get_num_threads()

@@ -580,3 +580,20 @@ def test_truncated_captions_are_counted_in_the_manifest_and_printed(shards, tmp_
     paths = sorted((tmp_path / "cache").glob("pass-*/*.parquet"))
     old = [{k: v for k, v in shard_meta(p).items() if k != "truncated"} for p in paths]
     assert sum(truncated_rows(p, m) for p, m in zip(paths, old)) == sum(map(truncated_rows, paths)) == want
+
+
+def test_the_stage_restores_the_callers_thread_count(shards, tmp_path, make_encoder):
+    """The stage runs with cache.threads and gives the caller its own count back (it runs in-process in `campe
+    ablate` and the flows: a grid started with one thread ran every later cell on all cores), also when it fails."""
+    from campe.core.threads import torch_threads
+    enc = make_encoder("llama")
+    with torch_threads(1):
+        s = cache_stage(CacheParams(shards_dir=str(shards), output_dir=str(tmp_path / "cache"), batch_size=8,
+                                    threads=2), enc.cfg, encoder=enc)
+        assert s["threads"] == 2 and s["shards_written"] == 3
+        assert torch.get_num_threads() == 1
+        (tmp_path / "none").mkdir()
+        with pytest.raises(CacheError, match="no finished image shards"):
+            cache_stage(CacheParams(shards_dir=str(tmp_path / "none"), output_dir=str(tmp_path / "c2"), threads=2),
+                        enc.cfg, encoder=enc)
+        assert torch.get_num_threads() == 1

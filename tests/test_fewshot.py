@@ -251,3 +251,13 @@ def test_params_check_refuses_mismatched_image_sizes(tmp_path):
     with pytest.raises(ConfigError, match="fewshot_data.image_size is 48 but pretrain_clip.image_size is 32"):
         check_params(f)
     assert os.path.exists(f)
+
+
+def test_pretraining_gives_the_caller_its_thread_count_back(fewshot_root, tmp_path):
+    """pretrain_clip runs with its `threads` (1 here) and restores the caller's count: it runs in-process in the
+    flows, where a leaked count would change every later stage."""
+    import torch
+    from campe.core.threads import torch_threads
+    with torch_threads(2):
+        pretrain_clip(TINY_CLIP, fewshot_root, tmp_path / "clip")
+        assert torch.get_num_threads() == 2
