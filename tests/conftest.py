@@ -127,9 +127,7 @@ def tiny_lm(tmp_path_factory) -> str:
 def one_thread():
     """One torch thread for a module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`): on the
     shared 2-core machine two OpenMP threads spin against other work."""
-    import torch
+    from campe.core.threads import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from campe.core.config import ConfigError, from_dict
+from campe.core.threads import torch_threads
 from campe.core.retrieval import (RetrievalParams, class_embeddings, eval_record, retrieval_metrics, retrieval_ranks,
                                   segment_similarity, zero_shot_classify)
 
@@ -140,10 +141,8 @@ def test_hand_checked_tiny_case():
 @pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
 def threads(request):
     """Run a test under 1 and 2 intra-op threads: the matmul kernel, and so the rounding of each score, can differ."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+    with torch_threads(request.param):
+        yield request.param
 
 
 def tied_by_construction(n: int, caps: list[int], d: int, seed: int):
