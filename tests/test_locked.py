@@ -103,6 +103,24 @@ def test_locked_video_is_the_per_frame_features_pooled_as_video_pool_says(video_
 
 # ------------------------------------------------------------------------------------------------ training
 
+def test_features_under_bf16_autocast_are_the_stored_values_and_a_bf16_locked_run_trains(tmp_path):
+    """precision bf16 with the locked tower: the lookup is data, not computation. It used to run torch.cat on the
+    fp16 chunks inside the step's autocast, which CPU autocast refuses (every bf16 locked run failed at step 1)."""
+    data = _pairs(40)
+    tower = _tower()
+    build_feature_cache(tmp_path / "feat", tower, images=data.images, shard_rows=16, progress=False)
+    keys = image_keys(data.images[:6])
+    plain = FeatureStore.open(tmp_path / "feat", feature_manifest(32)).lookup(keys)
+    fresh = FeatureStore.open(tmp_path / "feat", feature_manifest(32))  # its chunks are joined on first lookup
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fresh.lookup(keys)
+    assert got.dtype == torch.float32 and torch.equal(got, plain)  # the stored fp16 values, not bf16-rounded
+    cfg = _cfg(tmp_path / "run", "vanilla", steps=3, precision="bf16", image_tower="locked",
+               image_features_dir=str(tmp_path / "feat"))
+    summary = train(cfg, source=data)
+    assert summary["step"] == 3 and math.isfinite(summary["final"]["loss"])
+
+
 def test_locked_step_trains_the_head_only_and_never_runs_the_backbone(tmp_path):
     data = _pairs(40)
     cfg = _cfg(tmp_path / "run", "vanilla", steps=4, image_tower="locked",

@@ -176,7 +176,11 @@ class FeatureStore:
                     f"image {k[:12]}... has no features in {self.folder}: build the cache over every image the run "
                     f"reads (campe.locked.build_feature_cache; campe train does it for the train shards)")
             idx.append(i)
-        if self._flat is None:
-            self._flat = torch.cat(self.chunks) if self.chunks else torch.empty(0, self.grid ** 2, self.channels,
-                                                                                 dtype=torch.float16)
-        return self._flat[torch.tensor(idx, dtype=torch.long)].float()
+        # Stored data, not computation: outside autocast (CPU autocast refuses torch.cat on float16 tensors, and a
+        # bf16 training step would otherwise get bf16 features instead of the stored values widened to float32).
+        with torch.autocast("cpu", enabled=False):  # the chunks live on the CPU
+            if self._flat is None:
+                self._flat = torch.cat(self.chunks) if self.chunks else torch.empty(0, self.grid ** 2,
+                                                                                     self.channels,
+                                                                                     dtype=torch.float16)
+            return self._flat[torch.tensor(idx, dtype=torch.long)].float()
