@@ -102,6 +102,8 @@ class AblateParams:
     axes: dict[str, list[int | str]] = field(default_factory=dict)  # text_encoder field -> values, for
     # axis_methods: e.g. {k: [1, 2, 4, 6, 8], trainable_layers: [1, 2]}; one cell per (method, field, value, seed)
     axis_methods: list[str] = field(default_factory=lambda: ["multi_prompt"])
+    axis_methods_for: dict[str, list[str]] = field(default_factory=dict)  # axis -> its methods instead of
+    # axis_methods, e.g. {trainable_layers: [multi_prompt, mean]}: a control for one axis without K cells for mean
     axis_seeds: list[int] = field(default_factory=list)  # seeds of the axis cells ([] = seeds)
     references: list[str] = field(default_factory=lambda: ["mean", "vanilla"])  # paired differences against
     # these methods (kinds[0], the same seed: same initialisation and data order)
@@ -142,9 +144,16 @@ class AblateParams:
                                  f"{', '.join(sorted(fields))}")
             if not values or len(set(map(str, values))) != len(values):
                 raise ValueError(f"axes.{name}: {values} must be distinct values")
-        bad = [m for m in self.axis_methods + self.references if m not in ALL_METHODS]
-        if bad or "vanilla" in self.axis_methods:
-            raise ValueError(f"axis_methods / references name {bad or ['vanilla']}: use LM methods of "
+        stray = [a for a in self.axis_methods_for if a not in self.axes]
+        if stray:
+            raise ValueError(f"axis_methods_for names {stray}, which are not axes (axes: {list(self.axes)})")
+        if any(not ms for ms in self.axis_methods_for.values()):
+            raise ValueError(f"axis_methods_for: {self.axis_methods_for} gives an axis no methods; leave it out "
+                             f"to use axis_methods")
+        used = self.axis_methods + [m for ms in self.axis_methods_for.values() for m in ms]
+        bad = [m for m in used + self.references if m not in ALL_METHODS]
+        if bad or "vanilla" in used:
+            raise ValueError(f"axis_methods(_for) / references name {bad or ['vanilla']}: use LM methods of "
                              f"{', '.join(ALL_METHODS[1:])} for axes, and methods of the grid as references")
         if len(set(self.axis_seeds)) != len(self.axis_seeds) or min(self.axis_seeds, default=0) < 0:
             raise ValueError(f"axis_seeds {self.axis_seeds} must be distinct integers >= 0")
@@ -165,12 +174,15 @@ class Cell:
 
 def grid(ap: AblateParams) -> list[Cell]:
     """Seed-major order: a stopped ablation has every variant on its first seeds rather than all seeds of a few.
-    The main grid first, then the axis cells (axis_methods x axes x axis_seeds, kinds[0])."""
+    The main grid first, then the axis cells (each axis's methods x its values x axis_seeds, kinds[0]; an axis's
+    methods are axis_methods_for[axis], else axis_methods)."""
     variants = [(m, ap.kinds[0]) for m in ap.methods]
     variants += [(m, k) for m in ap.methods if m in ap.all_kinds_for for k in ap.kinds[1:]]
     cells = [Cell(m, k, s) for s in ap.seeds for m, k in variants]
-    cells += [Cell(m, ap.kinds[0], s, axis, v) for s in (ap.axis_seeds or ap.seeds) for m in ap.axis_methods
-              for axis, values in ap.axes.items() for v in values]
+    methods = list(dict.fromkeys(ap.axis_methods + [m for ms in ap.axis_methods_for.values() for m in ms]))
+    cells += [Cell(m, ap.kinds[0], s, axis, v) for s in (ap.axis_seeds or ap.seeds) for m in methods
+              for axis, values in ap.axes.items() if m in ap.axis_methods_for.get(axis, ap.axis_methods)
+              for v in values]
     return cells
 
 
@@ -452,7 +464,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--root", help="override ablate.root")
     ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="override ablate.methods")
     ap.add_argument("--kinds", nargs="+", choices=KINDS, help="override ablate.kinds (the first is every method's)")
-    ap.add_argument("--no-axes", action="store_true", help="no axis cells (ablate.axes = {})")
+    ap.add_argument("--no-axes", action="store_true", help="no axis cells (ablate.axes = {}, axis_methods_for = {})")
     ap.add_argument("--seeds", nargs="+", type=int, help="override ablate.seeds")
     ap.add_argument("--steps", type=int, help="override ablate.steps (every cell)")
     ap.add_argument("--epochs", type=int, help="override ablate.epochs (every cell, when steps is 0)")
@@ -472,7 +484,8 @@ def params_from_args(args: argparse.Namespace) -> tuple[AblateParams, dict[str, 
                               "steps": args.steps, "epochs": args.epochs, "eval_sets": args.eval_sets,
                               "table_md": args.table_md, "table_csv": args.table_csv, "plot": args.plot,
                               "image_tower": args.image_tower, "patience": args.patience,
-                              "kinds": args.kinds, "axes": {} if args.no_axes else None}.items()
+                              "kinds": args.kinds, "axes": {} if args.no_axes else None,
+                              "axis_methods_for": {} if args.no_axes else None}.items()
             if v is not None}
     if args.methods is not None and "all_kinds_for" not in over:
         over["all_kinds_for"] = [m for m in raw.get("all_kinds_for", AblateParams().all_kinds_for)

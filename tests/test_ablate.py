@@ -335,6 +335,36 @@ def test_axes_add_cells_of_their_methods_and_cells_set_the_protocol(base, tmp_pa
             _ap(tmp_path, **{"axes": {"k": [2]}, **bad}).validate()
 
 
+def test_axis_methods_for_gives_one_axis_its_own_methods(base, tmp_path):
+    """A control for one axis (mean at trainable_layers 2) without K cells for mean, whose K means nothing."""
+    ap = _ap(tmp_path, methods=["mean", "multi_prompt"], seeds=[0, 1], axis_seeds=[0, 1, 2],
+             axes={"k": [2, 8], "trainable_layers": [2]},
+             axis_methods_for={"trainable_layers": ["multi_prompt", "mean", "single_prompt"]})
+    ap.validate()
+    axis = [c for c in grid(ap) if c.axis]
+    assert sorted((c.variant, c.seed) for c in axis) == sorted(
+        (v, s) for s in (0, 1, 2) for v in ("multi_prompt-softmax-k=2", "multi_prompt-softmax-k=8",
+                                            "multi_prompt-softmax-trainable_layers=2",
+                                            "mean-softmax-trainable_layers=2",
+                                            "single_prompt-softmax-trainable_layers=2"))
+    assert [c.seed for c in axis] == sorted(c.seed for c in axis)  # seed-major, as the main grid
+    s = ablate.cell_sections(ap, base, Cell("mean", "softmax", 1, "trainable_layers", 2))
+    assert s["text_encoder"]["trainable_layers"] == 2 and s["text_encoder"]["pooling"] == "mean"
+    # its own cache layout (the frozen states stop one layer earlier), and paired against mean at the default
+    cfgs = [resolve_run_config(ablate.cell_sections(ap, base, c)) for c in
+            (Cell("mean", "softmax", 1), Cell("mean", "softmax", 1, "trainable_layers", 2))]
+    assert ablate.layout_key(cfgs[0].text_encoder) != ablate.layout_key(cfgs[1].text_encoder)
+    assert ablate_table.axis_bases(ablate.variants_of(ap))["mean-softmax-trainable_layers=2"] == "mean-softmax"
+    # without it every axis applies to axis_methods, as before
+    plain = _ap(tmp_path, methods=["mean"], seeds=[0], axes={"k": [2], "trainable_layers": [2]})
+    assert {c.variant for c in grid(plain) if c.axis} == {"multi_prompt-softmax-k=2",
+                                                          "multi_prompt-softmax-trainable_layers=2"}
+    for bad in ({"axis_methods_for": {"apt_placeholder": ["mean"]}}, {"axis_methods_for": {"k": []}},
+                {"axis_methods_for": {"k": ["vanilla"]}}, {"axis_methods_for": {"k": ["nope"]}}):
+        with pytest.raises(ValueError, match="axis_methods"):
+            _ap(tmp_path, **{"axes": {"k": [2]}, **bad}).validate()
+
+
 def test_mean_lora_is_in_the_grid_and_its_cell_trains_online_without_a_cache(base, tmp_path):
     """LoRA changes every LM layer, so the ablation builds no text cache for mean_lora: its cell trains online."""
     from campe.core.config import read_yaml
