@@ -153,6 +153,11 @@ def table_markdown(rows: list[dict[str, Any]], ap: AblateParams, cells_done: int
         names = list(dict.fromkeys(r["metric"] for r in sub))
         shown = [m for m in TABLE_METRICS if m in names] or [m for m in names if "rank" not in m]
         lines += [f"## {ds}", ""]
+        if ds == COST_SET:
+            total = sum(r["mean"] * r["n"] for r in sub if r["metric"] == "cell_min")
+            lines += [f"Minutes per cell (each cell.json's timings, as run: the first cell of a text layout also "
+                      f"builds its cache, and a cell run beside other work takes longer). Summed over the "
+                      f"{cells_done} finished cells: {total:.0f} min.", ""]
         if ds == FIDELITY_SET:
             lines += ["Can the K prompts differ at all (campe/text/diagnostics.py, trained model, 64 fixed val "
                       "captions): mean pairwise cosine of the K pooled LM states (raw, and centred over the "
@@ -188,8 +193,20 @@ def plot_panels(records: list[dict[str, Any]], variants: list[str]) -> dict[str,
     return panels
 
 
+COST_SET = "cost"  # the table section of each cell's time (cell.json timings), in minutes
+
+
+def with_cost(rec: dict[str, Any]) -> dict[str, Any]:
+    """The cell's record with its time as a metrics section: cell_min (every timed part: the cache a first cell
+    of a layout builds, the locked features, training, evaluation), train_min, eval_min."""
+    t = rec.get("timings") or {}
+    cost = {"cell_min": sum(t.values()) / 60, "train_min": t.get("train_s", 0.0) / 60,
+            "eval_min": t.get("eval_s", 0.0) / 60}
+    return {**rec, "metrics": {**rec["metrics"], COST_SET: cost}}
+
+
 def write_tables(ap: AblateParams) -> list[dict[str, Any]]:
-    records = finished_records(ap)
+    records = [with_cost(r) for r in finished_records(ap)]
     variants = variants_of(ap)
     rows = summarize(records, variants, reference_variants(ap), axis_bases(variants))
     atomic_write_bytes(ap.table_csv, table_csv(rows).encode())

@@ -125,6 +125,17 @@ def test_table_is_mean_and_std_of_the_cells_metrics_files_and_parses(ran):
         assert r["d_mean"] == "" and r["d_mean_n"] == "0"  # `mean` is not in this grid
     # The schedule each cell reached is a row of the table too
     assert float(got[("vanilla-softmax", "training", "steps")]["mean"]) == 3.0
+    # and each cell's time, from its cell.json timings (minutes), with the grid's sum in the Markdown
+    minutes = {}
+    for c in grid(ap):
+        t = json.loads((ablate.cell_dir(ap, c) / ablate.CELL_FILE).read_text())["timings"]
+        assert t["train_s"] > 0 and t["eval_s"] > 0
+        minutes.setdefault(c.variant, []).append((sum(t.values()) / 60, t["train_s"] / 60))
+    for variant, ms in minutes.items():
+        assert float(got[(variant, "cost", "cell_min")]["mean"]) == pytest.approx(sum(m[0] for m in ms) / 2)
+        assert float(got[(variant, "cost", "train_min")]["mean"]) == pytest.approx(sum(m[1] for m in ms) / 2)
+    total = sum(m[0] for ms in minutes.values() for m in ms)
+    assert f"Summed over the 4 finished cells: {total:.0f} min." in Path(ap.table_md).read_text()
     for (variant, ds), ms in per.items():
         for metric in ms[0]:
             vals = [m[metric] for m in ms]
