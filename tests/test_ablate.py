@@ -406,19 +406,22 @@ def _make_recipe_args(target: str) -> list[str]:
     return shlex.split(recipe.split("campe ablate", 1)[1])
 
 
-def test_make_ablate_scratch_is_the_key_variants_from_scratch_on_the_committed_section():
-    """The Makefile's `ablate-scratch` command, parsed by `campe ablate`'s own parser on the committed params.yaml:
-    vanilla, mean and the full method, softmax only, no axis cells, image tower scratch, 3 seeds; the committed
-    early-stopping rule (patience) and everything else unchanged; its own name, table and picture."""
+@pytest.mark.parametrize("target, tower", [("ablate-scratch", "scratch"), ("ablate-cap30", "locked")])
+def test_make_key_variant_grids_change_only_what_they_name_on_the_committed_section(target, tower):
+    """The Makefile's `ablate-scratch` and `ablate-cap30` commands, parsed by `campe ablate`'s own parser on the
+    committed params.yaml: vanilla, mean and the full method, softmax only, no axis cells, 3 seeds, at most 30
+    epochs; scratch: the from-scratch image tower, cap30: the committed (locked) one; the committed early-stopping
+    rule (patience) and everything else unchanged; its own name, table and picture."""
     import yaml
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser()
     ablate.add_arguments(parser)
-    args = parser.parse_args(["--params", str(root / "params.yaml"), *_make_recipe_args("ablate-scratch")])
+    args = parser.parse_args(["--params", str(root / "params.yaml"), *_make_recipe_args(target)])
     ap, _ = ablate.params_from_args(args)
     ap.validate()
     committed = yaml.safe_load((root / "params.yaml").read_text())["ablate"]
-    assert ap.image_tower == "scratch" != committed["image_tower"] and ap.axes == {} != committed["axes"]
+    assert ap.image_tower == tower and (tower == "scratch") == (committed["image_tower"] != tower)
+    assert ap.axes == {} != committed["axes"] and ap.epochs == 30 > committed["epochs"]
     assert ap.name != committed["name"] and ap.table_csv != committed["table_csv"] and ap.plot != committed["plot"]
     assert ap.patience == committed["patience"] > 0 and ap.keep_in_memory == committed["keep_in_memory"]
     cells = grid(ap)
