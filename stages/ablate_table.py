@@ -6,7 +6,9 @@
 
 Rows: per (variant, dataset, metric) the mean, sample std (n - 1), 95 % t interval, n and seeds, and the paired
 differences against `ablate.references` (campe.core.stats). The Markdown table leads with the paired differences of
-the headline metrics, then one table per eval set; stages/ablate_aspects.py adds the aspect tables and pictures.
+the headline metrics, then one table per eval set, the schedule reached (`training`), the prompt diagnostics
+(`text_fidelity`) and each cell's minutes (`cost`, from its cell.json timings); stages/ablate_aspects.py adds the
+aspect tables and pictures.
 """
 from __future__ import annotations
 
