@@ -40,8 +40,9 @@ test: $(STAMP) chromium
 # The ablation grids (issue 15; not dvc stages: grids of training runs, resumable cell by cell). `ablate`: the
 # committed section (locked image tower, the headline). `ablate-scratch`: the from-scratch protocol at convergence,
 # its three key variants on 3 seeds (what 2 CPU cores afford; the whole grid wants a GPU), same rule for each.
-# `ablate-cap30`: the same key variants, locked, with the epoch cap raised from 10 to 30 (does the headline hold
-# once `mean`, which the 10-epoch cap stops while its val loss still falls, converges?).
+# `ablate-cap30`: the same key variants, locked, with the epoch cap raised from 10 to 30 (does the ranking depend on
+# the cap? The 10-epoch cap stops `mean` while its val loss still falls; the cosine schedule spans the cap, so a
+# larger cap also keeps the learning rate high for longer).
 ablate: $(STAMP)
 	$(VENV)/bin/campe ablate
 
