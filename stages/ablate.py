@@ -99,6 +99,7 @@ class AblateParams:
     plot: str = "plots/ablation.png"  # per-seed values, mean and std of the headline metrics ("" = no picture)
     image_tower: str = ""  # every cell's train.image_tower ("" = the train section's): scratch | locked
     patience: int = 0  # every cell's train.patience (early stopping on the val loss; 0 = the train section's)
+    schedule_epochs: int = 0  # every cell's train.schedule_epochs (the cosine decay's length; 0 = the train section's)
     axes: dict[str, list[int | str]] = field(default_factory=dict)  # text_encoder field -> values, for
     # axis_methods: e.g. {k: [1, 2, 4, 6, 8], trainable_layers: [1, 2]}; one cell per (method, field, value, seed)
     axis_methods: list[str] = field(default_factory=lambda: ["multi_prompt"])
@@ -130,8 +131,8 @@ class AblateParams:
             raise ValueError(f"name {self.name!r} must be a non-empty folder name")
         if self.image_tower not in ("", "scratch", "locked"):
             raise ValueError(f"image_tower '{self.image_tower}' is not one of: scratch, locked (or \"\")")
-        if self.patience < 0:
-            raise ValueError(f"patience must be >= 0, got {self.patience}")
+        if self.patience < 0 or self.schedule_epochs < 0:
+            raise ValueError(f"patience and schedule_epochs must be >= 0, got {self.patience}, {self.schedule_epochs}")
         self._validate_axes()
 
     def _validate_axes(self) -> None:
@@ -226,6 +227,8 @@ def cell_sections(ap: AblateParams, base: dict[str, dict], cell: Cell) -> dict[s
         t["image_tower"] = ap.image_tower
     if ap.patience:
         t["patience"] = ap.patience
+    if ap.schedule_epochs:
+        t["schedule_epochs"] = ap.schedule_epochs
     if ap.keep_in_memory:
         t["keep_in_memory"] = True
     t["image_features_dir"] = str(Path(ap.root) / "caches" / "image_features")  # content-addressed: shared
@@ -474,6 +477,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--plot", help="override ablate.plot (\"\" = no picture)")
     ap.add_argument("--image-tower", choices=["scratch", "locked"], help="override ablate.image_tower")
     ap.add_argument("--patience", type=int, help="override ablate.patience (early stopping of every cell)")
+    ap.add_argument("--schedule-epochs", type=int, help="override ablate.schedule_epochs (every cell's cosine decay "
+                                                        "length in epochs; the lr then stays at its floor)")
     ap.add_argument("--table-only", action="store_true", help="only (re)write the table from the finished cells")
 
 
@@ -484,6 +489,7 @@ def params_from_args(args: argparse.Namespace) -> tuple[AblateParams, dict[str, 
                               "steps": args.steps, "epochs": args.epochs, "eval_sets": args.eval_sets,
                               "table_md": args.table_md, "table_csv": args.table_csv, "plot": args.plot,
                               "image_tower": args.image_tower, "patience": args.patience,
+                              "schedule_epochs": args.schedule_epochs,
                               "kinds": args.kinds, "axes": {} if args.no_axes else None,
                               "axis_methods_for": {} if args.no_axes else None}.items()
             if v is not None}

@@ -406,7 +406,8 @@ def _make_recipe_args(target: str) -> list[str]:
     return shlex.split(recipe.split("campe ablate", 1)[1])
 
 
-@pytest.mark.parametrize("target, tower", [("ablate-scratch", "scratch"), ("ablate-cap30", "locked")])
+@pytest.mark.parametrize("target, tower", [("ablate-scratch", "scratch"), ("ablate-cap30", "locked"),
+                                           ("ablate-cap30-anneal10", "locked")])
 def test_make_key_variant_grids_change_only_what_they_name_on_the_committed_section(target, tower):
     """The Makefile's `ablate-scratch` and `ablate-cap30` commands, parsed by `campe ablate`'s own parser on the
     committed params.yaml: vanilla, mean and the full method, softmax only, no axis cells, 3 seeds, at most 30
@@ -417,11 +418,16 @@ def test_make_key_variant_grids_change_only_what_they_name_on_the_committed_sect
     parser = argparse.ArgumentParser()
     ablate.add_arguments(parser)
     args = parser.parse_args(["--params", str(root / "params.yaml"), *_make_recipe_args(target)])
-    ap, _ = ablate.params_from_args(args)
+    ap, base_sections = ablate.params_from_args(args)
     ap.validate()
     committed = yaml.safe_load((root / "params.yaml").read_text())["ablate"]
     assert ap.image_tower == tower and (tower == "scratch") == (committed["image_tower"] != tower)
     assert ap.axes == {} != committed["axes"] and ap.epochs == 30 > committed["epochs"]
+    # anneal10: the decay over 10 epochs in every cell (the cap-10 schedule, run on); the others: the committed one
+    assert ap.schedule_epochs == (10 if target.endswith("anneal10") else committed["schedule_epochs"])
+    if ap.schedule_epochs:
+        s = ablate.cell_sections(ap, base_sections, grid(ap)[0])
+        assert s["train"]["schedule_epochs"] == 10 and s["train"]["epochs"] == 30
     assert ap.name != committed["name"] and ap.table_csv != committed["table_csv"] and ap.plot != committed["plot"]
     assert ap.patience == committed["patience"] > 0 and ap.keep_in_memory == committed["keep_in_memory"]
     cells = grid(ap)

@@ -188,6 +188,34 @@ def test_early_stopping_rule_on_a_constructed_loss_sequence():
         EarlyStopping(1).update(math.nan)
 
 
+def test_schedule_epochs_ends_the_cosine_decay_there_and_holds_the_floor(tmp_path):
+    """train.schedule_epochs: the decay spans that many epochs and the lr then stays at lr * min_lr_ratio (a max
+    epochs above it runs on at the floor); 0 keeps the decay over the whole run. The logged lr is the step's."""
+    from campe.train.log import LOG_FILE, read_log
+    from campe.train.optim import lr_factor
+    data = _pairs(40)  # batch 8: 5 steps an epoch
+    lrs = {}
+    for sched in (0, 2):
+        cfg = _cfg(tmp_path / f"s{sched}", "vanilla", steps=0, epochs=4, schedule_epochs=sched, warmup_steps=2)
+        train(cfg, source=data)
+        rows = read_log(tmp_path / f"s{sched}" / LOG_FILE)
+        assert [int(r["step"]) for r in rows] == list(range(1, 21))
+        decay = sched * 5 or 20
+        for r in rows:
+            want = cfg.train.lr * lr_factor(int(r["step"]) - 1, 2, decay, cfg.train.min_lr_ratio)
+            assert r["lr"] == pytest.approx(want, rel=1e-6)
+        lrs[sched] = [r["lr"] for r in rows]
+    floor = 1e-3 * 0.1
+    assert all(x == pytest.approx(floor) for x in lrs[2][10:])  # epochs 3-4: at the floor
+    assert lrs[0][9] > 3 * floor and lrs[0][-1] < lrs[0][10]  # without it: still decaying over the whole run
+    # unset, it is not hashed (HASHED_IF_NOT): runs and finished ablation cells keep their hashes; set, it is
+    from campe.train.run_config import HASHED_IF_NOT
+    a = _cfg(tmp_path / "h", "vanilla", steps=0, epochs=4)
+    hashed = {k for k, v in a.to_dict()["train"].items() if HASHED_IF_NOT.get(("train", k), object()) != v}
+    assert "schedule_epochs" not in hashed and "epochs" in hashed
+    assert a.hash() != _cfg(tmp_path / "h", "vanilla", steps=0, epochs=4, schedule_epochs=2).hash()
+
+
 @pytest.mark.parametrize("image_tower", ["scratch", "locked"])
 def test_training_stops_by_the_rule_and_keeps_the_best_weights(tiny_generated, image_tower, tmp_path):
     _, gen = tiny_generated

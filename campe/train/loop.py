@@ -230,8 +230,9 @@ class _Run:
                              f"train.batch_size")
         run = cls(cfg, info, out, model, source, tp.steps or tp.epochs * per_epoch)
         run.optimizer = make_optimizer(model, tp)
+        decay_steps = tp.schedule_epochs * per_epoch or run.total  # after it the lr stays at lr * min_lr_ratio
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            run.optimizer, lambda s: lr_factor(s, tp.warmup_steps, run.total, tp.min_lr_ratio))
+            run.optimizer, lambda s: lr_factor(s, tp.warmup_steps, decay_steps, tp.min_lr_ratio))
         # Seeds (the weight init has its own seeds): dropout and anything random in the loop, per rank.
         torch.manual_seed(tp.seed + info.rank)
         np.random.seed((tp.seed + info.rank) % 2**32)

@@ -100,6 +100,8 @@ class TrainParams:
     patience: int = 0  # early stopping: stop once the val loss has not improved for this many evaluations; 0 = off
     val_every: int = 0  # steps between val-loss evaluations (patience > 0); 0 = once per epoch
     val_set: str = "data/generated/dataset_karpathy.json"  # patience > 0: its "val" split gives the val loss
+    schedule_epochs: int = 0  # the cosine decay spans this many epochs, then the lr stays at lr * min_lr_ratio;
+    # 0 = the whole run (steps / epochs). With early stopping: a max epochs above it runs on at the final lr.
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -125,6 +127,8 @@ class TrainParams:
         validate_max_skip_fraction(self.max_skip_fraction)
         if self.image_tower not in IMAGE_TOWERS:
             raise ValueError(f"image_tower '{self.image_tower}' is not one of: {', '.join(IMAGE_TOWERS)}")
+        if self.schedule_epochs < 0:
+            raise ValueError(f"schedule_epochs must be >= 0 (0 = the whole run), got {self.schedule_epochs}")
         if self.patience < 0 or self.val_every < 0:
             raise ValueError(f"patience and val_every must be >= 0, got {self.patience}, {self.val_every}")
         if self.keep_in_memory and self.num_workers:
@@ -143,7 +147,7 @@ RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_wor
 HASHED_IF_NOT = {("text_encoder", "apt_placeholder"): "shared", ("text_encoder", "apt_entry"): "first_trainable",
                  ("text_encoder", "apt_init_noise"): 0.02, ("loss", "div_space"): "heads",
                  ("train", "apt_lr_mult"): 1.0, ("train", "image_tower"): "scratch", ("train", "patience"): 0,
-                 ("train", "val_every"): 0, ("text_encoder", "lora"): False, ("text_encoder", "lora_r"): 8,
+                 ("train", "val_every"): 0, ("train", "schedule_epochs"): 0, ("text_encoder", "lora"): False, ("text_encoder", "lora_r"): 8,
                  ("text_encoder", "lora_alpha"): 16, ("text_encoder", "lora_dropout"): 0.0,
                  ("text_encoder", "lora_targets"): []}
 
