@@ -147,9 +147,9 @@ RUNTIME_FIELDS = ("shards_dir", "cache_dir", "out_dir", "metrics_file", "num_wor
 HASHED_IF_NOT = {("text_encoder", "apt_placeholder"): "shared", ("text_encoder", "apt_entry"): "first_trainable",
                  ("text_encoder", "apt_init_noise"): 0.02, ("loss", "div_space"): "heads",
                  ("train", "apt_lr_mult"): 1.0, ("train", "image_tower"): "scratch", ("train", "patience"): 0,
-                 ("train", "val_every"): 0, ("train", "schedule_epochs"): 0, ("text_encoder", "lora"): False, ("text_encoder", "lora_r"): 8,
+                 ("train", "val_every"): 0, ("text_encoder", "lora"): False, ("text_encoder", "lora_r"): 8,
                  ("text_encoder", "lora_alpha"): 16, ("text_encoder", "lora_dropout"): 0.0,
-                 ("text_encoder", "lora_targets"): []}
+                 ("text_encoder", "lora_targets"): [], ("train", "schedule_epochs"): 0}
 
 
 @dataclass
