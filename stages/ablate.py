@@ -135,6 +135,11 @@ class AblateParams:
             raise ValueError(f"patience and schedule_epochs must be >= 0, got {self.patience}, {self.schedule_epochs}")
         self._validate_axes()
 
+    @property
+    def all_axis_methods(self) -> list[str]:
+        """Every method some axis runs (axis_methods, then those only axis_methods_for names), in that order."""
+        return list(dict.fromkeys(self.axis_methods + [m for ms in self.axis_methods_for.values() for m in ms]))
+
     def _validate_axes(self) -> None:
         from campe.text.multiprompt import MultiPromptConfig
         fields = {f.name for f in dataclasses.fields(MultiPromptConfig)} - {"pooling", "negation", "init_seed",
@@ -151,7 +156,7 @@ class AblateParams:
         if any(not ms for ms in self.axis_methods_for.values()):
             raise ValueError(f"axis_methods_for: {self.axis_methods_for} gives an axis no methods; leave it out "
                              f"to use axis_methods")
-        used = self.axis_methods + [m for ms in self.axis_methods_for.values() for m in ms]
+        used = self.all_axis_methods
         bad = [m for m in used + self.references if m not in ALL_METHODS]
         if bad or "vanilla" in used:
             raise ValueError(f"axis_methods(_for) / references name {bad or ['vanilla']}: use LM methods of "
@@ -180,8 +185,7 @@ def grid(ap: AblateParams) -> list[Cell]:
     variants = [(m, ap.kinds[0]) for m in ap.methods]
     variants += [(m, k) for m in ap.methods if m in ap.all_kinds_for for k in ap.kinds[1:]]
     cells = [Cell(m, k, s) for s in ap.seeds for m, k in variants]
-    methods = list(dict.fromkeys(ap.axis_methods + [m for ms in ap.axis_methods_for.values() for m in ms]))
-    cells += [Cell(m, ap.kinds[0], s, axis, v) for s in (ap.axis_seeds or ap.seeds) for m in methods
+    cells += [Cell(m, ap.kinds[0], s, axis, v) for s in (ap.axis_seeds or ap.seeds) for m in ap.all_axis_methods
               for axis, values in ap.axes.items() if m in ap.axis_methods_for.get(axis, ap.axis_methods)
               for v in values]
     return cells

@@ -409,10 +409,11 @@ def _make_recipe_args(target: str) -> list[str]:
 @pytest.mark.parametrize("target, tower", [("ablate-scratch", "scratch"), ("ablate-cap30", "locked"),
                                            ("ablate-cap30-anneal10", "locked")])
 def test_make_key_variant_grids_change_only_what_they_name_on_the_committed_section(target, tower):
-    """The Makefile's `ablate-scratch` and `ablate-cap30` commands, parsed by `campe ablate`'s own parser on the
-    committed params.yaml: vanilla, mean and the full method, softmax only, no axis cells, 3 seeds, at most 30
-    epochs; scratch: the from-scratch image tower, cap30: the committed (locked) one; the committed early-stopping
-    rule (patience) and everything else unchanged; its own name, table and picture."""
+    """The Makefile's `ablate-scratch`, `ablate-cap30` and `ablate-cap30-anneal10` commands, parsed by `campe
+    ablate`'s own parser on the committed params.yaml: vanilla, mean and the full method, softmax only, no axis
+    cells, 3 seeds, at most 30 epochs; scratch: the from-scratch image tower, the cap30 ones: the committed (locked)
+    one, anneal10 also with the decay over 10 epochs; the committed early-stopping rule (patience) and everything
+    else unchanged; its own name, table and picture."""
     import yaml
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser()
